@@ -1,0 +1,83 @@
+"""Shared helpers: an offline environment, a small corpus, and real `accelerate launch` runs."""
+
+import atexit
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+_ports = itertools.count(29500 + os.getpid() % 1000 * 20)
+
+# A tiny model and short run: real training, seconds per launch on 2 CPU cores.
+TINY = ["--model_preset", "tiny", "--block_size", "32", "--per_device_train_batch_size", "4",
+        "--per_device_eval_batch_size", "8", "--vocab_size", "512", "--learning_rate", "3e-3",
+        "--logging_steps", "1", "--sample_max_new_tokens", "5"]
+
+
+def _offline_env():
+    """Offline, with every cache in one temporary directory; set before any library reads it."""
+    base = Path(tempfile.mkdtemp(prefix="clm-tests-"))
+    (base / "tmp").mkdir()
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline",
+           "HF_HOME": str(base / "hf"), "WANDB_DIR": str(base / "wandb"), "TMPDIR": str(base / "tmp"),
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/torch_extensions")),
+           "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}
+    os.environ.update(env)
+    atexit.register(shutil.rmtree, base, ignore_errors=True)
+
+
+_offline_env()
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A few hundred KB of real English prose (Python's help topics) as JSON lines."""
+    import pydoc_data.topics
+
+    path = tmp_path_factory.mktemp("data") / "corpus.jsonl"
+    texts = sorted(pydoc_data.topics.topics.values())[:60]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+def launch(args, num_processes=1, config_file=None, extra_env=None, check=True, timeout=600):
+    """`accelerate launch train.py ARGS` as a user would run it; returns the CompletedProcess."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(next(_ports))]
+    if config_file:
+        cmd += ["--config_file", str(ROOT / "accelerate_configs" / config_file)]
+    elif num_processes > 1:
+        cmd += ["--multi_gpu", "--num_processes", str(num_processes)]
+    else:
+        cmd += ["--cpu", "--num_processes", "1"]
+    cmd += ["--num_machines", "1", "--dynamo_backend", "no"]
+    if not config_file:
+        cmd += ["--mixed_precision", "no"]
+    env = {**os.environ, **(extra_env or {})}
+    if num_processes > 1 and not config_file:
+        env["ACCELERATE_USE_CPU"] = "1"  # --multi_gpu alone would start independent, unsynced runs on CPU
+    result = subprocess.run(cmd + [str(ROOT / "train.py"), *map(str, args)], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def read_metrics(output_dir):
+    with open(Path(output_dir) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def train_losses(output_dir):
+    return {r["step"]: r["loss"] for r in read_metrics(output_dir) if "loss" in r}
+
+
+def results(output_dir):
+    return json.loads((Path(output_dir) / "results.json").read_text())

@@ -1,0 +1,54 @@
+"""Learning-rate schedules and AdamW parameter groups."""
+
+import argparse
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from utils.optim import build_optimizer, build_scheduler, lr_multiplier, parameter_groups
+
+
+def tiny_llama():
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=32))
+
+
+def test_no_weight_decay_on_norms_biases_and_embeddings():
+    model = tiny_llama()
+    decay, no_decay = parameter_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert "model.embed_tokens.weight" not in decayed
+    assert not any("norm" in n for n in decayed)
+    assert "lm_head.weight" in decayed and "model.layers.0.self_attn.q_proj.weight" in decayed
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant", "constant_with_warmup"])
+def test_warmup_rises_to_peak_then_schedule(kind):
+    lrs = [lr_multiplier(s, kind, warmup_steps=4, total_steps=20, min_lr_ratio=0.1) for s in range(20)]
+    assert lrs[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    tail = lrs[4:]
+    if kind.startswith("constant"):
+        assert tail == [1.0] * len(tail)
+    else:
+        assert all(a >= b for a, b in zip(tail, tail[1:]))
+        end = lr_multiplier(20, kind, 4, 20, 0.1)
+        assert end == pytest.approx(0.0 if kind == "linear" else 0.1)
+
+
+def test_scheduler_steps_once_per_call():
+    model = tiny_llama()
+    args = argparse.Namespace(learning_rate=1e-2, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
+                              lr_scheduler_type="linear", num_warmup_steps=2, min_lr_ratio=0.0)
+    optimizer = build_optimizer(model, args)
+    scheduler = build_scheduler(optimizer, args, total_steps=10)
+    seen = []
+    for _ in range(4):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen == pytest.approx([1e-2 / 3, 2e-2 / 3, 1e-2, 1e-2 * 7 / 8])
+    assert isinstance(optimizer, torch.optim.AdamW)

@@ -1,0 +1,210 @@
+"""Train a causal language model (GPT-2 / Llama style) with Hugging Face Accelerate.
+
+    accelerate launch train.py                                   # embedded default job, offline
+    accelerate launch --config_file accelerate_configs/X.yaml train.py --train_file my.txt ...
+
+The same script runs on a CPU, one GPU, multi-GPU DDP, FSDP and DeepSpeed ZeRO 1/2/3: the
+accelerate config file decides processes, precision and sharding. Flags: `python train.py -h`.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+
+from utils.checkpoint import read_state, resolve_resume, save_checkpoint
+from utils.config import UserError, parse_args
+from utils.data import build_dataloaders, load_raw_datasets, load_tokenizer, resolve_text_column, tokenize_and_pack
+from utils.metrics import MetricsLog, configure_trackers, device_peak_flops, peak_memory_gib
+from utils.model import build_model, training_flops_per_token
+from utils.optim import build_optimizer, build_scheduler
+from utils.preflight import preflight
+
+
+@torch.no_grad()
+def evaluate(model, eval_dataloader, accelerator):
+    """Mean token loss over the whole validation split, each block counted once across processes."""
+    model.eval()
+    losses = []
+    for batch in eval_dataloader:
+        ids = batch["input_ids"]
+        logits = model(input_ids=ids).logits
+        token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
+        losses.append(accelerator.gather_for_metrics(token_loss.view(ids.shape[0], -1).mean(dim=1)))
+    model.train()
+    return torch.cat(losses).mean().item()
+
+
+def main(argv=None):
+    # ---- Setup: everything that can fail on bad input fails here, before any expensive work ----
+    args = parse_args(argv)
+    plan = preflight(args)  # reconciles flags with the accelerate / DeepSpeed config files
+    resume_from = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    configure_trackers(args)
+    accelerator = Accelerator(gradient_accumulation_steps=plan.gradient_accumulation_steps,
+                              log_with=None if args.report_to == "none" else args.report_to,
+                              project_dir=args.output_dir, kwargs_handlers=plan.kwargs_handlers)
+    plan.check(accelerator)
+    accelerator.print(plan.describe(accelerator))
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    # ---- Data: load, tokenize once (cached), pack into blocks ----
+    raw = load_raw_datasets(args)
+    text_column = resolve_text_column(raw["train"], args.text_column)
+    tokenizer = load_tokenizer(args, raw["train"], text_column, accelerator)
+    blocks = tokenize_and_pack(raw, text_column, tokenizer, args, accelerator)
+    samples_per_step = plan.samples_per_step(accelerator)
+    train_dataloader, eval_dataloader, train_sampler = build_dataloaders(blocks, args, samples_per_step)
+    steps_per_epoch = train_sampler.usable // samples_per_step
+    max_steps = args.max_train_steps or steps_per_epoch * args.num_train_epochs
+    tokens_per_step = samples_per_step * args.block_size
+
+    # ---- Model and optimizer ----
+    model = build_model(args, tokenizer)
+    flops_per_token = training_flops_per_token(model, args.block_size)  # before sharding hides parameters
+    n_params = sum(p.numel() for p in model.parameters())
+    optimizer = build_optimizer(model, args)
+    model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
+        model, optimizer, train_dataloader, eval_dataloader)
+    lr_scheduler = build_scheduler(optimizer, args, max_steps)
+    accelerator.register_for_checkpointing(lr_scheduler)
+    accelerator.print(f"model: {n_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs/token | "
+                      f"data: {len(blocks['train'])} train / {len(blocks['validation'])} validation blocks of "
+                      f"{args.block_size} | {steps_per_epoch} steps/epoch, {max_steps} steps")
+
+    # ---- Resume or start ----
+    step, initial_eval_loss = 0, None
+    if resume_from:
+        state = read_state(resume_from)
+        if state["samples_per_step"] != samples_per_step:
+            raise UserError(f"{resume_from} was trained with {state['samples_per_step']} sequences per optimizer step, "
+                            f"this run has {samples_per_step}: set --global_batch_size {state['samples_per_step']}")
+        accelerator.load_state(resume_from)
+        step, initial_eval_loss = state["step"], state["initial_eval_loss"]
+        accelerator.print(f"resumed from {resume_from} at step {step}")
+    elif args.resume_from_checkpoint:
+        accelerator.print(f"no checkpoint in {args.output_dir}/checkpoints yet: starting fresh")
+    metrics = MetricsLog(accelerator, args.output_dir, keep_through_step=step if resume_from else None)
+    accelerator.init_trackers(args.project_name, config=plan.tracker_config(args))
+    if initial_eval_loss is None:
+        initial_eval_loss = evaluate(model, eval_dataloader, accelerator)
+        metrics.log(0, eval_loss=initial_eval_loss, perplexity=math.exp(initial_eval_loss))
+        accelerator.print(f"step 0: eval loss {initial_eval_loss:.4f}, perplexity {math.exp(initial_eval_loss):.1f}")
+    epoch = step // steps_per_epoch
+    train_sampler.start_at(step % steps_per_epoch * samples_per_step)
+
+    peak_flops = device_peak_flops(accelerator.device, args.peak_flops)
+    progress = tqdm(total=max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="training")
+    loss_sum = torch.zeros((), device=accelerator.device)  # summed on device; read only when logging
+    grad_norm, window_steps, data_wait, train_seconds, run_steps = None, 0, 0.0, 0.0, 0
+    eval_loss = None
+    window_start = batch_ready = time.perf_counter()
+
+    # ---- Training loop ----
+    model.train()
+    while step < max_steps:
+        train_dataloader.set_epoch(epoch)
+        for batch in train_dataloader:
+            data_wait += time.perf_counter() - batch_ready
+            with accelerator.accumulate(model):
+                loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+            batch_ready = time.perf_counter()
+            if not accelerator.sync_gradients:
+                continue
+            lr_scheduler.step()
+            step += 1
+            window_steps += 1
+            run_steps += 1
+            progress.update(1)
+
+            if step % args.logging_steps == 0 or step == max_steps:
+                mean_loss = (accelerator.reduce(loss_sum, "mean") / (window_steps * accelerator.gradient_accumulation_steps)).item()
+                elapsed = time.perf_counter() - window_start
+                train_seconds += elapsed
+                tokens_per_second = window_steps * tokens_per_step / elapsed
+                metrics.log(step, loss=mean_loss, lr=lr_scheduler.get_last_lr()[0],
+                            grad_norm=None if grad_norm is None else float(grad_norm),
+                            tokens_per_second=tokens_per_second,
+                            mfu=peak_flops and flops_per_token * tokens_per_second / (peak_flops * accelerator.num_processes),
+                            peak_memory_gib=peak_memory_gib(accelerator.device),
+                            data_wait_pct=100 * data_wait / elapsed, epoch=epoch)
+                progress.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tokens_per_second:.0f}")
+                loss_sum.zero_()
+                window_steps, data_wait, window_start = 0, 0.0, time.perf_counter()
+
+            paused = time.perf_counter()
+            if (args.eval_steps and step % args.eval_steps == 0) or step == max_steps:
+                eval_loss = evaluate(model, eval_dataloader, accelerator)
+                metrics.log(step, eval_loss=eval_loss, perplexity=math.exp(eval_loss))
+                progress.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {math.exp(eval_loss):.1f}")
+
+            if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args.output_dir, dict(
+                    step=step, epoch=step // steps_per_epoch, samples_seen=step * samples_per_step,
+                    samples_per_step=samples_per_step, initial_eval_loss=initial_eval_loss, config=vars(args)),
+                    args.checkpoints_total_limit)
+            window_start += time.perf_counter() - paused  # evaluation and saving are not training time
+            batch_ready = time.perf_counter()
+            if step >= max_steps:
+                break
+        epoch += 1
+    progress.close()
+
+    # ---- Save a Hugging Face model, report, and show a sample ----
+    if eval_loss is None:  # resumed at the end: nothing was trained in this run
+        eval_loss = evaluate(model, eval_dataloader, accelerator)
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process,
+                              save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
+    sample = generate_sample(unwrapped, tokenizer, args, accelerator, plan.sharded_parameters)
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(args.output_dir)
+        results = dict(initial_eval_loss=initial_eval_loss, eval_loss=eval_loss, perplexity=math.exp(eval_loss),
+                       initial_perplexity=math.exp(initial_eval_loss), steps=step,
+                       train_tokens=step * tokens_per_step,
+                       tokens_per_second=run_steps * tokens_per_step / train_seconds if train_seconds else None,
+                       train_seconds=train_seconds, parameters=n_params, sample=sample, **plan.record(accelerator))
+        with open(os.path.join(args.output_dir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"eval perplexity {math.exp(initial_eval_loss):.1f} -> {math.exp(eval_loss):.1f} "
+              f"({math.exp(initial_eval_loss - eval_loss):.1f}x lower); model saved to {args.output_dir}")
+        print(f"sample: {sample}")
+    accelerator.end_training()  # last: it tears down the process group
+
+
+def generate_sample(model, tokenizer, args, accelerator, sharded):
+    """A short sampled continuation of --sample_prompt. Every process generates in lock-step
+    because sharded parameters (ZeRO-3, FSDP) are gathered collectively on each forward."""
+    torch.manual_seed(args.seed)
+    inputs = tokenizer(args.sample_prompt, return_tensors="pt").to(accelerator.device)
+    model.eval()
+    with torch.no_grad(), accelerator.autocast():
+        output = model.generate(**inputs, max_new_tokens=args.sample_max_new_tokens, do_sample=True, top_k=50,
+                                temperature=0.8, pad_token_id=tokenizer.pad_token_id, synced_gpus=sharded)
+    return tokenizer.decode(output[0], skip_special_tokens=True)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as error:
+        if "--debug" in sys.argv:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

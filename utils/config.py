@@ -1,0 +1,141 @@
+"""Command-line flags and YAML recipes.
+
+Flag names follow transformers' `run_clm_no_trainer.py` so users can carry their commands over.
+A recipe (`--config FILE.yaml`) may set any flag; flags given on the command line win.
+"""
+
+import argparse
+import os
+
+import yaml
+
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+REPORT_TO = ("none", "tensorboard", "wandb", "all")
+LOCAL_DATA_EXTENSIONS = {"txt": "text", "json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet"}
+
+
+class UserError(Exception):
+    """Bad input from the user: train.py prints it as one line and exits without a traceback."""
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Train a causal language model with accelerate.")
+    add = p.add_argument
+    add("--config", help="YAML recipe with any of these flags as keys; command-line flags win")
+    # Data
+    add("--dataset_name", help="Hub dataset name (default: the embedded offline corpus)")
+    add("--dataset_config_name")
+    add("--train_file", help="local .txt/.json/.jsonl/.csv/.parquet file")
+    add("--validation_file")
+    add("--validation_split_percentage", type=int, default=5,
+        help="percent of train held out for validation when there is no validation split")
+    add("--text_column", default="text")
+    add("--block_size", type=int, default=128, help="tokens per training sequence")
+    add("--preprocessing_num_workers", type=int, default=None)
+    add("--dataloader_num_workers", type=int, default=0)
+    add("--vocab_size", type=int, default=4096, help="size of a tokenizer trained here when none is given")
+    # Model
+    add("--model_name_or_path", help="pretrained model (Hub name or local directory) to continue training")
+    add("--config_name", help="model config (Hub name or local directory) to train from scratch")
+    add("--tokenizer_name", help="tokenizer (Hub name or local directory); default: the model's, else trained here")
+    add("--model_preset", default="small", help="named Llama-style size, see utils/model.py PRESETS")
+    # Optimization
+    add("--per_device_train_batch_size", type=int, default=16)
+    add("--per_device_eval_batch_size", type=int, default=16)
+    add("--gradient_accumulation_steps", type=int, default=1)
+    add("--global_batch_size", type=int, default=None,
+        help="sequences per optimizer step; derives gradient accumulation from micro-batch x processes")
+    add("--learning_rate", type=float, default=3e-3)
+    add("--weight_decay", type=float, default=0.1)
+    add("--adam_beta1", type=float, default=0.9)
+    add("--adam_beta2", type=float, default=0.95)
+    add("--lr_scheduler_type", default="cosine", choices=SCHEDULERS)
+    add("--num_warmup_steps", type=int, default=0)
+    add("--min_lr_ratio", type=float, default=0.1, help="cosine decays to learning_rate x this")
+    add("--num_train_epochs", type=int, default=1)
+    add("--max_train_steps", type=int, default=None, help="optimizer steps; overrides num_train_epochs")
+    add("--max_grad_norm", type=float, default=1.0, help="gradient clipping; 0 disables")
+    add("--seed", type=int, default=42)
+    # Loop, checkpoints, output
+    add("--output_dir", default="output")
+    add("--eval_steps", type=int, default=None, help="evaluate every N optimizer steps (always at start and end)")
+    add("--logging_steps", type=int, default=10)
+    add("--checkpointing_steps", type=int, default=None, help="save a resumable checkpoint every N steps")
+    add("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
+    add("--resume_from_checkpoint", help="checkpoint directory, or 'latest' in OUTPUT_DIR/checkpoints")
+    add("--report_to", default="none", choices=REPORT_TO)
+    add("--project_name", default="clm-training", help="wandb project / TensorBoard sub-directory")
+    add("--peak_flops", type=float, default=None, help="device peak FLOP/s for MFU when not in the built-in table")
+    add("--sample_prompt", default="The", help="prompt for the sample generated at the end")
+    add("--sample_max_new_tokens", type=int, default=40)
+    add("--debug", action="store_true", help="show tracebacks for user errors")
+    return p
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    recipe_path = _recipe_path(argv)
+    if recipe_path:
+        parser.set_defaults(**load_recipe(recipe_path, parser))
+    args = parser.parse_args(argv)
+    validate(args)
+    return args
+
+
+def _recipe_path(argv):
+    finder = argparse.ArgumentParser(add_help=False)
+    finder.add_argument("--config")
+    return finder.parse_known_args(argv)[0].config
+
+
+def load_recipe(path, parser):
+    if not os.path.isfile(path):
+        raise UserError(f"recipe file {path} does not exist: check the --config path")
+    try:
+        with open(path) as f:
+            recipe = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"recipe file {path} is not valid YAML ({str(e).splitlines()[0]})") from e
+    if not isinstance(recipe, dict):
+        raise UserError(f"recipe file {path} must be a mapping of flag names to values")
+    known = {a.dest for a in parser._actions} - {"help", "config"}
+    unknown = sorted(set(recipe) - known)
+    if unknown:
+        raise UserError(f"recipe {path} has unknown key(s) {', '.join(unknown)}: use flag names without '--'")
+    for action in parser._actions:
+        if action.dest in recipe and action.choices and recipe[action.dest] not in action.choices:
+            raise UserError(f"recipe {path}: {action.dest}={recipe[action.dest]!r} is not one of {list(action.choices)}")
+    return recipe
+
+
+def validate(args):
+    """Cheap checks that must fail before any model or data is loaded."""
+    for flag in ("block_size", "per_device_train_batch_size", "per_device_eval_batch_size",
+                 "gradient_accumulation_steps", "logging_steps", "num_train_epochs"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
+    for flag in ("max_train_steps", "eval_steps", "checkpointing_steps", "checkpoints_total_limit", "global_batch_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag} must be at least 1 (got {value})")
+    if not 0 < args.validation_split_percentage < 100:
+        raise UserError("--validation_split_percentage must be between 1 and 99")
+    if args.dataset_name and args.train_file:
+        raise UserError("give either --dataset_name or --train_file, not both")
+    if args.model_name_or_path and args.config_name:
+        raise UserError("give either --model_name_or_path (continue training) or --config_name (from scratch), not both")
+    for flag in ("train_file", "validation_file"):
+        path = getattr(args, flag)
+        if path is None:
+            continue
+        if not os.path.isfile(path):
+            raise UserError(f"--{flag} {path} does not exist: check the path")
+        if not os.access(path, os.R_OK):
+            raise UserError(f"--{flag} {path} is not readable: check its permissions")
+        if local_data_builder(path) is None:
+            raise UserError(f"--{flag} {path}: unsupported extension, use one of {sorted(LOCAL_DATA_EXTENSIONS)}")
+
+
+def local_data_builder(path):
+    """The `datasets` builder name for a local data file, or None for an unsupported extension."""
+    return LOCAL_DATA_EXTENSIONS.get(path.rsplit(".", 1)[-1].lower())

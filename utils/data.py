@@ -1,0 +1,244 @@
+"""Data: raw text -> tokenizer -> tokens packed into blocks -> resumable dataloaders.
+
+Tokenization runs once through `datasets.map` (batched, cached on disk). The token stream of a
+whole split is then written once to a flat memory-mapped file, so packing drops nothing but the
+split's final remainder and a corpus larger than RAM still trains.
+"""
+
+import ast
+import hashlib
+import json
+import os
+import random
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import DatasetDict, load_dataset
+from huggingface_hub.constants import HF_HOME
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from utils.config import UserError, local_data_builder
+
+CACHE_ROOT = Path(HF_HOME) / "clm-train"
+EOS_TOKEN = "<|endoftext|>"
+
+
+# --- The embedded default corpus: English text that ships with every Python install ---------
+
+def embedded_corpus_file():
+    """Write Python's own help topics and standard-library docstrings as JSON lines, once."""
+    import pydoc_data.topics
+
+    documents = list(pydoc_data.topics.topics.values())
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        nodes = (n for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef)))
+        docstrings = [d for d in map(ast.get_docstring, nodes) if d and len(d) >= 80]
+        if docstrings:
+            documents.append("\n\n".join(docstrings))
+    random.Random(0).shuffle(documents)  # the validation slice is the first few percent
+    lines = "".join(json.dumps({"text": d}) + "\n" for d in documents)
+    path = CACHE_ROOT / "corpus" / f"python-docs-{hashlib.sha256(lines.encode()).hexdigest()[:16]}.jsonl"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(lines)
+        tmp.replace(path)
+    return str(path)
+
+
+# --- Raw text -------------------------------------------------------------------------------
+
+def load_raw_datasets(args):
+    """A DatasetDict with 'train' and 'validation', from the Hub, local files or the embedded corpus."""
+    pct = args.validation_split_percentage
+    if args.dataset_name:
+        def load(split=None):
+            return load_dataset(args.dataset_name, args.dataset_config_name, split=split)
+        try:
+            raw = load()
+            if "validation" not in raw:
+                raw = DatasetDict(validation=load(f"train[:{pct}%]"), train=load(f"train[{pct}%:]"))
+        except Exception as e:  # datasets raises many types for "not found / offline"
+            raise UserError(f"cannot load dataset {args.dataset_name!r} ({type(e).__name__}): check the name, "
+                            "or pass local files with --train_file when offline") from e
+    else:
+        train_file = args.train_file or embedded_corpus_file()
+        builder = local_data_builder(train_file)
+        kwargs = {"sample_by": "paragraph", "keep_linebreaks": True} if builder == "text" else {}
+
+        def load(data_files, split):
+            try:
+                return load_dataset(builder, data_files=data_files, split=split, **kwargs)
+            except Exception as e:
+                raise UserError(f"cannot read {data_files}: {_first_line(e)}") from e
+        if args.validation_file:
+            raw = DatasetDict(train=load(train_file, "train"), validation=load(args.validation_file, "train"))
+        else:
+            raw = DatasetDict(validation=load(train_file, f"train[:{pct}%]"), train=load(train_file, f"train[{pct}%:]"))
+    for split in ("train", "validation"):
+        if len(raw[split]) == 0:
+            raise UserError(f"the {split} split is empty: give more data or a larger --validation_split_percentage")
+    return raw
+
+
+def _first_line(error):
+    cause = error.__cause__ or error
+    return (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+
+
+def resolve_text_column(dataset, requested):
+    if requested in dataset.column_names:
+        return requested
+    string_columns = [n for n, f in dataset.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
+    if len(string_columns) == 1:
+        return string_columns[0]
+    raise UserError(f"no text column {requested!r} in the data (columns: {dataset.column_names}): "
+                    "pass --text_column NAME")
+
+
+# --- Tokenizer ------------------------------------------------------------------------------
+
+def load_tokenizer(args, raw_train, text_column, accelerator):
+    name = args.tokenizer_name or args.model_name_or_path
+    if name:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except Exception as e:
+            raise UserError(f"cannot load tokenizer {name!r} ({type(e).__name__}): check the name, or "
+                            "download it while online (offline runs need a local directory)") from e
+    else:
+        key = hashlib.sha256(f"{raw_train._fingerprint}-{text_column}-{args.vocab_size}".encode()).hexdigest()[:16]
+        path = CACHE_ROOT / "tokenizers" / key
+        with accelerator.main_process_first():
+            if not path.exists():
+                _train_bpe_tokenizer(raw_train[text_column], args.vocab_size, path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.eos_token is None:
+        raise UserError(f"tokenizer {name!r} has no EOS token, which packing needs between documents")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _train_bpe_tokenizer(texts, vocab_size, path):
+    """A byte-level BPE tokenizer (GPT-2 style) trained on the training text, saved to `path`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator((t for t in texts if t), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
+                                        pad_token=EOS_TOKEN, model_max_length=1 << 30)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(path)
+
+
+# --- Tokenize and pack ----------------------------------------------------------------------
+
+class PackedBlocks(Dataset):
+    """Consecutive `block_size` windows over one memory-mapped token stream."""
+
+    def __init__(self, tokens, block_size):
+        self.tokens, self.block_size = tokens, block_size
+
+    def __len__(self):
+        return len(self.tokens) // self.block_size
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        block = self.tokens[i * self.block_size:(i + 1) * self.block_size]
+        return {"input_ids": torch.from_numpy(block.astype(np.int64))}
+
+
+def tokenize_and_pack(raw, text_column, tokenizer, args, accelerator):
+    """Tokenize every split once (cached), join documents with EOS and cut into blocks."""
+    eos = tokenizer.eos_token_id
+
+    def tokenize(batch):
+        texts = [t for t in batch[text_column] if t]
+        ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+        return {"input_ids": [x + [eos] for x in ids]}
+
+    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
+    blocks = {}
+    for split, dataset in raw.items():
+        with accelerator.main_process_first():
+            tokenized = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names,
+                                    num_proc=args.preprocessing_num_workers, desc=f"Tokenizing {split}")
+            path = _token_stream_path(tokenized, dtype)
+            if not path.exists():
+                _write_token_stream(tokenized, path, dtype)
+        tokens = np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
+        blocks[split] = PackedBlocks(tokens, args.block_size)
+        if len(blocks[split]) == 0:
+            raise UserError(f"the {split} split has {len(tokens)} tokens, fewer than one block of "
+                            f"{args.block_size}: give more data or a smaller --block_size")
+    return blocks
+
+
+def _token_stream_path(tokenized, dtype):
+    cache_dir = Path(tokenized.cache_files[0]["filename"]).parent if tokenized.cache_files else CACHE_ROOT / "tokens"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    return cache_dir / f"tokens-{tokenized._fingerprint}.{np.dtype(dtype).name}.bin"
+
+
+def _write_token_stream(tokenized, path, dtype):
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        for batch in tokenized.data.column("input_ids").chunks:
+            batch.flatten().to_numpy().astype(dtype).tofile(f)
+    tmp.replace(path)
+
+
+# --- Loaders --------------------------------------------------------------------------------
+
+class ResumableSampler(Sampler):
+    """A shuffle fixed by (seed, epoch), cut to whole optimizer steps, that can start mid-epoch.
+
+    It orders samples for all processes at once (accelerate deals its batches out round-robin),
+    so a position is counted in global samples and survives a change of process count.
+    """
+
+    def __init__(self, num_samples, samples_per_step, seed):
+        self.num_samples, self.seed, self.epoch, self.skip = num_samples, seed, 0, 0
+        self.usable = num_samples // samples_per_step * samples_per_step
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def start_at(self, samples_into_epoch):
+        """Skip this many samples of the next epoch iterated (exact mid-epoch resume, no data read)."""
+        self.skip = samples_into_epoch
+
+    def __iter__(self):
+        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        skip, self.skip = self.skip, 0
+        return iter(order[skip:self.usable].tolist())
+
+    def __len__(self):
+        return self.usable - self.skip
+
+
+def build_dataloaders(blocks, args, samples_per_step):
+    train_sampler = ResumableSampler(len(blocks["train"]), samples_per_step, args.seed)
+    if train_sampler.usable == 0:
+        raise UserError(f"the train split has {len(blocks['train'])} blocks, fewer than one optimizer step "
+                        f"({samples_per_step} sequences): give more data or a smaller batch / --block_size")
+    common = {"num_workers": args.dataloader_num_workers, "pin_memory": torch.cuda.is_available()}
+    train = DataLoader(blocks["train"], batch_sampler=BatchSampler(train_sampler, args.per_device_train_batch_size,
+                                                                   drop_last=False), **common)
+    evaluation = DataLoader(blocks["validation"], sampler=SequentialSampler(blocks["validation"]),
+                            batch_size=args.per_device_eval_batch_size, **common)
+    return train, evaluation, train_sampler

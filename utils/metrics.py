@@ -1,0 +1,76 @@
+"""Throughput, MFU and memory, logged to accelerate's trackers and OUTPUT_DIR/metrics.jsonl."""
+
+import json
+import os
+import resource
+import sys
+
+import torch
+
+# Dense bf16/fp16 tensor-core peak FLOP/s per device (vendor datasheets, no sparsity). Matched as
+# substrings of torch.cuda.get_device_name(), most specific first.
+PEAK_FLOPS = [
+    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("GH200", 989e12), ("B200", 2250e12),
+    ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+    ("A10G", 70e12), ("A10", 125e12), ("A6000", 155e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
+    ("V100", 125e12), ("T4", 65e12), ("MI300X", 1307e12), ("MI250X", 383e12),
+]
+
+
+def device_peak_flops(device, override=None):
+    """Peak FLOP/s of one device, or None when unknown (a CPU, an unlisted GPU without --peak_flops)."""
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS if key in name), None)
+
+
+def peak_memory_gib(device):
+    """Peak memory of this process: allocated GPU memory on CUDA, resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def configure_trackers(args):
+    """wandb without an API key or login would prompt: run it offline into OUTPUT_DIR instead."""
+    if args.report_to not in ("wandb", "all"):
+        return
+    os.environ.setdefault("WANDB_DIR", os.path.abspath(args.output_dir))
+    if "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY") and not _wandb_logged_in():
+        os.environ["WANDB_MODE"] = "offline"
+        print("wandb: no API key, logging offline; upload later with `wandb sync OUTPUT_DIR/wandb/offline-run-*`")
+
+
+def _wandb_logged_in():
+    netrc = os.path.expanduser(os.environ.get("NETRC", "~/.netrc"))
+    return os.path.isfile(netrc) and "api.wandb.ai" in open(netrc).read()
+
+
+class MetricsLog:
+    """One JSON object per line in OUTPUT_DIR/metrics.jsonl, mirrored to accelerate's trackers.
+
+    A resumed run keeps the records up to its checkpoint's step and drops the later ones, which
+    it is about to log again; a fresh run starts an empty file.
+    """
+
+    def __init__(self, accelerator, output_dir, keep_through_step=None):
+        self.accelerator = accelerator
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        if accelerator.is_main_process:
+            kept = []
+            if keep_through_step is not None and os.path.exists(self.path):
+                with open(self.path) as f:
+                    kept = [line for line in f if json.loads(line)["step"] <= keep_through_step]
+            with open(self.path, "w") as f:
+                f.writelines(kept)
+
+    def log(self, step, **values):
+        values = {k: v for k, v in values.items() if v is not None}
+        self.accelerator.log(values, step=step)
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **values}) + "\n")

@@ -1,0 +1,47 @@
+"""AdamW with decoupled weight decay on matrices only, and a warmup + decay schedule."""
+
+import inspect
+import math
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def parameter_groups(model, weight_decay):
+    """Decay 2-D weight matrices; leave norms, biases and embeddings undecayed."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 and id(param) not in embeddings else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model, args):
+    # fused kernels on GPU, else foreach (one multi-tensor launch per group instead of one per tensor)
+    fused = torch.cuda.is_available() and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    return torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.learning_rate,
+                             betas=(args.adam_beta1, args.adam_beta2), fused=fused or None,
+                             foreach=None if fused else True)
+
+
+def lr_multiplier(step, scheduler_type, warmup_steps, total_steps, min_lr_ratio):
+    """Fraction of the peak learning rate at optimizer step `step` (0-based)."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if scheduler_type in ("constant", "constant_with_warmup"):
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if scheduler_type == "linear":
+        return 1.0 - progress
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer, args, total_steps):
+    """Stepped by train.py exactly once per optimizer step, whatever the number of processes.
+
+    It is built on the optimizer accelerate returns (so it drives DeepSpeed's too) and is not
+    passed to `accelerator.prepare`, whose wrapper steps it once per process.
+    """
+    return LambdaLR(optimizer, lambda step: lr_multiplier(step, args.lr_scheduler_type, args.num_warmup_steps,
+                                                           total_steps, args.min_lr_ratio))

@@ -1,0 +1,143 @@
+"""Preflight: reconcile the flags with the accelerate and DeepSpeed config files before any work.
+
+`accelerate launch` passes its config to the script as ACCELERATE_* environment variables; the
+ds_config is a JSON file. Conflicts between them stop here with one line naming both sides,
+instead of a DeepSpeed assertion deep in a traceback or a silent override.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import torch
+from accelerate.utils import InitProcessGroupKwargs
+
+from utils.config import UserError
+
+
+@dataclass
+class Plan:
+    world_size: int
+    micro_batch: int
+    block_size: int
+    gradient_accumulation_steps: int
+    global_batch_size: int | None
+    zero_stage: int | None = None
+    sharded_parameters: bool = False
+    kwargs_handlers: list = field(default_factory=list)
+
+    def samples_per_step(self, accelerator):
+        return self.micro_batch * accelerator.gradient_accumulation_steps * accelerator.num_processes
+
+    def check(self, accelerator):
+        """Fail loudly where accelerate quietly runs something other than what was asked for."""
+        if accelerator.num_processes != self.world_size:
+            raise UserError(f"accelerate started {accelerator.num_processes} process(es) but the launcher asked for "
+                            f"{self.world_size}: on CPU use an accelerate config with distributed_type MULTI_GPU and "
+                            "use_cpu true (see accelerate_configs/multi_cpu.yaml)")
+        if accelerator.gradient_accumulation_steps != self.gradient_accumulation_steps:
+            raise UserError(f"accelerate uses gradient accumulation {accelerator.gradient_accumulation_steps}, "
+                            f"preflight planned {self.gradient_accumulation_steps}: remove gradient_accumulation_steps "
+                            "from the accelerate config and use the flags")
+
+    def describe(self, accelerator):
+        samples = self.samples_per_step(accelerator)
+        return (f"batch: {self.micro_batch} micro-batch x {accelerator.gradient_accumulation_steps} accumulation x "
+                f"{accelerator.num_processes} processes = {samples} sequences x {self.block_size} tokens = "
+                f"{samples * self.block_size} tokens per optimizer step | {accelerator.distributed_type.value}"
+                f"{f' ZeRO-{self.zero_stage}' if self.zero_stage is not None else ''}, "
+                f"mixed precision {accelerator.mixed_precision}, device {accelerator.device}")
+
+    def record(self, accelerator):
+        """What actually ran, for results.json: tests assert it because fallbacks are silent."""
+        return dict(num_processes=accelerator.num_processes, distributed_type=accelerator.distributed_type.value,
+                    mixed_precision=accelerator.mixed_precision, zero_stage=self.zero_stage,
+                    gradient_accumulation_steps=accelerator.gradient_accumulation_steps,
+                    global_batch_size=self.samples_per_step(accelerator), micro_batch_size=self.micro_batch)
+
+    def tracker_config(self, args):
+        """The run config as flat scalars (TensorBoard's hparams take no None or lists)."""
+        config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+        return {**config, "gradient_accumulation_steps": self.gradient_accumulation_steps,
+                "world_size": self.world_size, "zero_stage": str(self.zero_stage)}
+
+
+def preflight(args, env=os.environ):
+    world_size = int(env.get("WORLD_SIZE", 1))
+    micro = args.per_device_train_batch_size
+    deepspeed = env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    ds_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none") if deepspeed else "none"
+    ds_config = _read_ds_config(ds_file) if ds_file != "none" else {}
+    mixed = env.get("ACCELERATE_MIXED_PRECISION", "no")
+
+    accumulation = _gradient_accumulation(args, world_size, env, ds_config, ds_file)
+    env["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] = str(accumulation)  # accelerate lets this override its argument
+
+    plan = Plan(world_size=world_size, micro_batch=micro, block_size=args.block_size,
+                gradient_accumulation_steps=accumulation, global_batch_size=args.global_batch_size)
+    if deepspeed:
+        _check_deepspeed(args, ds_config, ds_file, mixed, micro * accumulation * world_size)
+        plan.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 0)))
+        # DeepSpeed clips inside its engine: hand it --max_grad_norm (accelerate would fill "auto" with 1.0)
+        env["ACCELERATE_GRADIENT_CLIPPING"] = str(args.max_grad_norm)
+        if world_size > 1 and not torch.cuda.is_available():
+            # accelerate leaves the backend unset on CPU and DeepSpeed then sees a single process
+            plan.kwargs_handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    plan.sharded_parameters = plan.zero_stage == 3 or env.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if mixed == "fp16" and not torch.cuda.is_available():
+        raise UserError("mixed_precision fp16 needs a GPU (on CPU accelerate silently runs fp32): "
+                        "use 'no' or bf16 in the accelerate config")
+    return plan
+
+
+def _read_ds_config(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read DeepSpeed config {path} ({e}): check deepspeed_config_file in the accelerate config") from e
+
+
+def _gradient_accumulation(args, world_size, env, ds_config, ds_file):
+    micro = args.per_device_train_batch_size
+    if args.global_batch_size:
+        per_step = micro * world_size
+        if args.global_batch_size % per_step:
+            raise UserError(f"--global_batch_size {args.global_batch_size} is not a multiple of micro-batch {micro} x "
+                            f"{world_size} processes = {per_step}: pick a multiple of {per_step}")
+        wanted, source = args.global_batch_size // per_step, "--global_batch_size"
+    else:
+        wanted, source = args.gradient_accumulation_steps, "--gradient_accumulation_steps"
+    explicit = args.global_batch_size or args.gradient_accumulation_steps != 1
+    for other, name in ((env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS"), "the accelerate config"),
+                        (ds_config.get("gradient_accumulation_steps"), ds_file)):
+        if other in (None, "auto") or int(other) == wanted:
+            continue
+        if explicit:
+            raise UserError(f"{name} sets gradient_accumulation_steps {other} but {source} gives {wanted}: remove "
+                            f"it from {name} (use \"auto\" in a ds_config) or drop the flag")
+        wanted = int(other)  # no flag given: the config file's value counts
+    return wanted
+
+
+def _check_deepspeed(args, ds, ds_file, mixed, train_batch_size):
+    for key, fix in (("optimizer", "train.py builds AdamW itself"), ("scheduler", "train.py schedules the lr itself")):
+        if key in ds:
+            raise UserError(f"{ds_file} has an '{key}' section but {fix}: remove it and use the flags")
+    for section, precision in (("bf16", "bf16"), ("fp16", "fp16")):
+        enabled = ds.get(section, {}).get("enabled", "auto")
+        if enabled != "auto" and bool(enabled) != (mixed == precision):
+            raise UserError(f"{ds_file} sets {section}.enabled={str(enabled).lower()} but the accelerate config has "
+                            f"mixed_precision: {mixed}: set {section}.enabled to \"auto\" in {ds_file}")
+    micro = ds.get("train_micro_batch_size_per_gpu", "auto")
+    if micro != "auto" and micro != args.per_device_train_batch_size:
+        raise UserError(f"{ds_file} sets train_micro_batch_size_per_gpu {micro} but --per_device_train_batch_size is "
+                        f"{args.per_device_train_batch_size}: set it to \"auto\" in {ds_file}")
+    total = ds.get("train_batch_size", "auto")
+    if total != "auto" and total != train_batch_size:
+        raise UserError(f"{ds_file} sets train_batch_size {total} but micro-batch x accumulation x processes = "
+                        f"{train_batch_size}: set it to \"auto\" in {ds_file} (or use --global_batch_size {total})")
+    clipping = ds.get("gradient_clipping", "auto")
+    if clipping != "auto" and float(clipping) != args.max_grad_norm:
+        raise UserError(f"{ds_file} sets gradient_clipping {clipping} but --max_grad_norm is {args.max_grad_norm}: "
+                        f"set it to \"auto\" in {ds_file}")
