@@ -1,0 +1,103 @@
+"""Flags, YAML recipes and the preflight that reconciles them with accelerate / DeepSpeed configs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from utils.config import UserError, parse_args
+from utils.preflight import preflight
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_run_the_embedded_job():
+    args = parse_args([])
+    assert args.dataset_name is None and args.train_file is None and args.model_preset == "small"
+
+
+def test_recipe_sets_flags_and_command_line_wins(tmp_path):
+    recipe = write(tmp_path / "r.yaml", "learning_rate: 0.01\nblock_size: 64\nlr_scheduler_type: linear\n")
+    args = parse_args(["--config", recipe, "--block_size", "32"])
+    assert (args.learning_rate, args.block_size, args.lr_scheduler_type) == (0.01, 32, "linear")
+
+
+def test_recipe_unknown_key_is_named(tmp_path):
+    recipe = write(tmp_path / "r.yaml", "learning_rate: 0.01\nlearnig_rate: 0.1\n")
+    with pytest.raises(UserError, match="unknown key.*learnig_rate"):
+        parse_args(["--config", recipe])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lr_scheduler_type: wavy\n", "lr_scheduler_type='wavy' is not one of"),
+    ("- a list\n", "must be a mapping"),
+    ("a: [unclosed\n", "not valid YAML"),
+])
+def test_bad_recipe_is_one_clear_error(tmp_path, text, message):
+    with pytest.raises(UserError, match=message):
+        parse_args(["--config", write(tmp_path / "r.yaml", text)])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--train_file", "/nonexistent/data.txt"], "does not exist"),
+    (["--block_size", "0"], "--block_size must be at least 1"),
+    (["--dataset_name", "x", "--train_file", __file__], "not both"),
+    (["--train_file", __file__], "unsupported extension"),
+])
+def test_bad_flags_stop_early(argv, message):
+    with pytest.raises(UserError, match=message):
+        parse_args(argv)
+
+
+def test_unknown_flag_is_named_by_the_script():
+    result = subprocess.run([sys.executable, "train.py", "--learnig_rate", "1"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and "unrecognized arguments: --learnig_rate" in result.stderr
+
+
+def test_global_batch_size_derives_accumulation():
+    args = parse_args(["--global_batch_size", "64", "--per_device_train_batch_size", "8"])
+    assert preflight(args, env={"WORLD_SIZE": "2"}).gradient_accumulation_steps == 4
+    assert preflight(args, env={"WORLD_SIZE": "1"}).gradient_accumulation_steps == 8
+    with pytest.raises(UserError, match="not a multiple of micro-batch 8 x 3 processes = 24"):
+        preflight(args, env={"WORLD_SIZE": "3"})
+
+
+def deepspeed_env(tmp_path, ds_config, mixed="no", world=2):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 2}, **ds_config}))
+    return {"WORLD_SIZE": str(world), "ACCELERATE_USE_DEEPSPEED": "true",
+            "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(path), "ACCELERATE_MIXED_PRECISION": mixed}
+
+
+@pytest.mark.parametrize("ds_config, mixed, message", [
+    ({"fp16": {"enabled": True}}, "bf16", "sets fp16.enabled=true but the accelerate config has mixed_precision: bf16"),
+    ({"bf16": {"enabled": True}}, "no", "sets bf16.enabled=true but the accelerate config has mixed_precision: no"),
+    ({"train_batch_size": 64}, "no", "train_batch_size 64 but micro-batch x accumulation x processes = 32"),
+    ({"train_micro_batch_size_per_gpu": 4}, "no", "train_micro_batch_size_per_gpu 4 but --per_device"),
+    ({"gradient_clipping": 0.5}, "no", "gradient_clipping 0.5 but --max_grad_norm is 1.0"),
+    ({"optimizer": {"type": "AdamW"}}, "no", "has an 'optimizer' section"),
+])
+def test_deepspeed_conflicts_name_both_sides(tmp_path, ds_config, mixed, message):
+    env = deepspeed_env(tmp_path, ds_config, mixed)
+    with pytest.raises(UserError, match=message) as error:
+        preflight(parse_args([]), env=env)
+    assert str(tmp_path / "ds.json") in str(error.value)
+
+
+def test_deepspeed_config_accumulation_counts_unless_a_flag_disagrees(tmp_path):
+    env = deepspeed_env(tmp_path, {"gradient_accumulation_steps": 4})
+    assert preflight(parse_args([]), env=dict(env)).gradient_accumulation_steps == 4
+    with pytest.raises(UserError, match="gradient_accumulation_steps 4 but --gradient_accumulation_steps gives 2"):
+        preflight(parse_args(["--gradient_accumulation_steps", "2"]), env=dict(env))
+
+
+def test_matching_deepspeed_config_passes_and_hands_over_clipping(tmp_path):
+    env = deepspeed_env(tmp_path, {"train_batch_size": 32, "bf16": {"enabled": "auto"}})
+    plan = preflight(parse_args(["--max_grad_norm", "0.5"]), env=env)
+    assert plan.zero_stage == 2 and not plan.sharded_parameters
+    assert env["ACCELERATE_GRADIENT_CLIPPING"] == "0.5" and env["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] == "1"
