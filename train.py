@@ -23,7 +23,7 @@ from utils.checkpoint import read_state, resolve_resume, save_checkpoint
 from utils.config import UserError, parse_args
 from utils.data import build_dataloaders, load_raw_datasets, load_tokenizer, resolve_text_column, tokenize_and_pack
 from utils.metrics import MetricsLog, configure_trackers, device_peak_flops, peak_memory_gib
-from utils.model import build_model, training_flops_per_token
+from utils.model import build_model, parameter_count, training_flops_per_token
 from utils.optim import build_optimizer, build_scheduler
 from utils.preflight import preflight
 
@@ -51,9 +51,8 @@ def main(argv=None):
     accelerator = Accelerator(gradient_accumulation_steps=plan.gradient_accumulation_steps,
                               log_with=None if args.report_to == "none" else args.report_to,
                               project_dir=args.output_dir, kwargs_handlers=plan.kwargs_handlers)
-    plan.check(accelerator)
+    plan.apply(accelerator)
     accelerator.print(plan.describe(accelerator))
-    set_seed(args.seed)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
 
@@ -69,9 +68,11 @@ def main(argv=None):
     tokens_per_step = samples_per_step * args.block_size
 
     # ---- Model and optimizer ----
-    model = build_model(args, tokenizer)
+    set_seed(args.seed)  # right before init: the weights depend on the seed alone, whatever ran before
+    with plan.model_init_context(accelerator):
+        model = build_model(args, tokenizer)
     flops_per_token = training_flops_per_token(model, args.block_size)  # before sharding hides parameters
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = parameter_count(model)
     optimizer = build_optimizer(model, args)
     model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader)

@@ -48,18 +48,16 @@ def corpus(tmp_path_factory):
     return path
 
 
-def launch(args, num_processes=1, config_file=None, extra_env=None, check=True, timeout=600):
+def launch(args, num_processes=1, config_file=None, extra_env=None, check=True, timeout=600, launch_args=()):
     """`accelerate launch train.py ARGS` as a user would run it; returns the CompletedProcess."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(next(_ports))]
-    if config_file:
-        cmd += ["--config_file", str(ROOT / "accelerate_configs" / config_file)]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(next(_ports)), *launch_args]
+    if config_file:  # a file in accelerate_configs/ or a path; the CPU stand-in for its GPU settings
+        cmd += ["--config_file", str(ROOT / "accelerate_configs" / config_file), "--num_processes", str(num_processes)]
     elif num_processes > 1:
         cmd += ["--multi_gpu", "--num_processes", str(num_processes)]
     else:
         cmd += ["--cpu", "--num_processes", "1"]
-    cmd += ["--num_machines", "1", "--dynamo_backend", "no"]
-    if not config_file:
-        cmd += ["--mixed_precision", "no"]
+    cmd += ["--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no"]
     env = {**os.environ, **(extra_env or {})}
     if num_processes > 1 and not config_file:
         env["ACCELERATE_USE_CPU"] = "1"  # --multi_gpu alone would start independent, unsynced runs on CPU
@@ -68,6 +66,27 @@ def launch(args, num_processes=1, config_file=None, extra_env=None, check=True, 
     if check and result.returncode != 0:
         raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+def saved_model_eval_loss(model_dir, train_file, block_size=32):
+    """Validation loss of a saved model, recomputed in this process through the same data pipeline."""
+    import argparse
+
+    import torch
+    from accelerate import PartialState
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from utils.data import load_raw_datasets, tokenize_and_pack
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    args = argparse.Namespace(dataset_name=None, train_file=str(train_file), validation_file=None,
+                              validation_split_percentage=5, block_size=block_size, preprocessing_num_workers=None)
+    blocks = tokenize_and_pack(load_raw_datasets(args), "text", tokenizer, args, PartialState())["validation"]
+    with torch.no_grad():
+        losses = [model(input_ids=blocks[i]["input_ids"][None], labels=blocks[i]["input_ids"][None]).loss
+                  for i in range(len(blocks))]
+    return torch.stack(losses).mean().item()
 
 
 def read_metrics(output_dir):

@@ -1,17 +1,13 @@
 """End-to-end: real `accelerate launch train.py` runs on a tiny Llama, with 1 and 2 CPU processes."""
 
-import argparse
 import math
 import os
 import shutil
 
 import pytest
-import torch
-from accelerate import PartialState
-from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+from transformers import pipeline
 
-from conftest import TINY, launch, read_metrics, results, train_losses
-from utils.data import load_raw_datasets, tokenize_and_pack
+from conftest import TINY, launch, read_metrics, results, saved_model_eval_loss, train_losses
 
 
 @pytest.fixture(scope="module")
@@ -21,19 +17,6 @@ def trained(tmp_path_factory, corpus):
     launch(["--train_file", corpus, "--output_dir", out, *TINY, "--max_train_steps", 24, "--eval_steps", 12,
             "--checkpointing_steps", 8, "--checkpoints_total_limit", 2, "--report_to", "tensorboard"])
     return out
-
-
-def saved_model_eval_loss(model_dir, train_file, block_size=32):
-    """Validation loss of a saved model, recomputed in this process through the same data pipeline."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    args = argparse.Namespace(dataset_name=None, train_file=str(train_file), validation_file=None,
-                              validation_split_percentage=5, block_size=block_size, preprocessing_num_workers=None)
-    blocks = tokenize_and_pack(load_raw_datasets(args), "text", tokenizer, args, PartialState())["validation"]
-    with torch.no_grad():
-        losses = [model(input_ids=blocks[i]["input_ids"][None], labels=blocks[i]["input_ids"][None]).loss
-                  for i in range(len(blocks))]
-    return torch.stack(losses).mean().item()
 
 
 def test_training_lowers_loss_and_reports(trained):

@@ -63,15 +63,20 @@ def _round_up(n, multiple):
     return -(-n // multiple) * multiple
 
 
+def parameter_count(module):
+    """Parameters in the model, also when ZeRO-3's zero.Init has already partitioned them away."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+
+
 def training_flops_per_token(model, seq_len):
     """Forward + backward FLOPs per token: 6 x (parameters in matmuls) + attention scores (PaLM appendix B).
 
     The input embedding is a lookup, not a matmul, so it is left out; tied output weights stay in.
     """
     config = model.config
-    params = sum(p.numel() for p in model.parameters())
+    params = parameter_count(model)
     if not config.tie_word_embeddings:
-        params -= model.get_input_embeddings().weight.numel()
+        params -= parameter_count(model.get_input_embeddings())
     layers = config.num_hidden_layers
     hidden = getattr(config, "hidden_size", None) or config.n_embd
     return 6 * params + 12 * layers * hidden * seq_len

@@ -5,6 +5,7 @@ ds_config is a JSON file. Conflicts between them stop here with one line naming 
 instead of a DeepSpeed assertion deep in a traceback or a silent override.
 """
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -29,8 +30,12 @@ class Plan:
     def samples_per_step(self, accelerator):
         return self.micro_batch * accelerator.gradient_accumulation_steps * accelerator.num_processes
 
-    def check(self, accelerator):
-        """Fail loudly where accelerate quietly runs something other than what was asked for."""
+    def apply(self, accelerator):
+        """Hand DeepSpeed the micro-batch, and fail loudly where accelerate quietly runs something
+        other than what was asked for."""
+        if accelerator.state.deepspeed_plugin is not None:
+            # the train loader has a batch sampler, so accelerate cannot read the micro-batch off it
+            accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = self.micro_batch
         if accelerator.num_processes != self.world_size:
             raise UserError(f"accelerate started {accelerator.num_processes} process(es) but the launcher asked for "
                             f"{self.world_size}: on CPU use an accelerate config with distributed_type MULTI_GPU and "
@@ -39,6 +44,23 @@ class Plan:
             raise UserError(f"accelerate uses gradient accumulation {accelerator.gradient_accumulation_steps}, "
                             f"preflight planned {self.gradient_accumulation_steps}: remove gradient_accumulation_steps "
                             "from the accelerate config and use the flags")
+
+    @contextlib.contextmanager
+    def model_init_context(self, accelerator):
+        """Under ZeRO-3, build the model directly sharded (zero.Init) only when the config's
+        zero3_init_flag asks for it. accelerate registers every ZeRO-3 config with transformers,
+        which then uses zero.Init (and other random draws) even when the flag is false."""
+        plugin = accelerator.state.deepspeed_plugin
+        if plugin is None or plugin.zero3_init_flag:
+            yield
+            return
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            plugin.set_deepspeed_weakref()
 
     def describe(self, accelerator):
         samples = self.samples_per_step(accelerator)
@@ -83,7 +105,15 @@ def preflight(args, env=os.environ):
         if world_size > 1 and not torch.cuda.is_available():
             # accelerate leaves the backend unset on CPU and DeepSpeed then sees a single process
             plan.kwargs_handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    plan.sharded_parameters = plan.zero_stage == 3 or env.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    fsdp = env.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    plan.sharded_parameters = plan.zero_stage == 3 or fsdp
+    if not torch.cuda.is_available():
+        if fsdp:
+            raise UserError("the FSDP config needs GPUs (on CPU accelerate silently trains without sharding): "
+                            "use accelerate_configs/multi_cpu.yaml or a DeepSpeed config on CPU")
+        if world_size > 1 and not deepspeed:
+            # accelerate's multi-GPU launcher ignores use_cpu: without this every process would train alone
+            env["ACCELERATE_USE_CPU"] = "true"
     if mixed == "fp16" and not torch.cuda.is_available():
         raise UserError("mixed_precision fp16 needs a GPU (on CPU accelerate silently runs fp32): "
                         "use 'no' or bf16 in the accelerate config")
