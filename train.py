@@ -19,11 +19,12 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from utils.checkpoint import read_state, resolve_resume, save_checkpoint
+from utils.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from utils.config import UserError, parse_args
 from utils.data import build_dataloaders, load_raw_datasets, load_tokenizer, resolve_text_column, tokenize_and_pack
-from utils.metrics import MetricsLog, configure_trackers, device_peak_flops, peak_memory_gib
-from utils.model import build_model, parameter_count, training_flops_per_token
+from utils.faults import EXIT_DIVERGED, EXIT_PREEMPTED, NonFiniteGuard, StopSignal, TrainingDiverged
+from utils.metrics import MetricsLog, WindowTimer, configure_trackers, device_peak_flops, peak_memory_gib
+from utils.model import build_model, load_base_config, model_config, parameter_count, training_flops_per_token
 from utils.optim import build_optimizer, build_scheduler
 from utils.preflight import preflight
 
@@ -46,7 +47,8 @@ def main(argv=None):
     # ---- Setup: everything that can fail on bad input fails here, before any expensive work ----
     args = parse_args(argv)
     plan = preflight(args)  # reconciles flags with the accelerate / DeepSpeed config files
-    resume_from = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    resume_from, resume_state = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    base_config = load_base_config(args)
     configure_trackers(args)
     accelerator = Accelerator(gradient_accumulation_steps=plan.gradient_accumulation_steps,
                               log_with=None if args.report_to == "none" else args.report_to,
@@ -60,6 +62,7 @@ def main(argv=None):
     raw = load_raw_datasets(args)
     text_column = resolve_text_column(raw["train"], args.text_column)
     tokenizer = load_tokenizer(args, raw["train"], text_column, accelerator)
+    config = model_config(args, base_config, tokenizer)
     blocks = tokenize_and_pack(raw, text_column, tokenizer, args, accelerator)
     samples_per_step = plan.samples_per_step(accelerator)
     train_dataloader, eval_dataloader, train_sampler = build_dataloaders(blocks, args, samples_per_step)
@@ -70,7 +73,7 @@ def main(argv=None):
     # ---- Model and optimizer ----
     set_seed(args.seed)  # right before init: the weights depend on the seed alone, whatever ran before
     with plan.model_init_context(accelerator):
-        model = build_model(args, tokenizer)
+        model = build_model(args, config)
     flops_per_token = training_flops_per_token(model, args.block_size)  # before sharding hides parameters
     n_params = parameter_count(model)
     optimizer = build_optimizer(model, args)
@@ -85,12 +88,8 @@ def main(argv=None):
     # ---- Resume or start ----
     step, initial_eval_loss = 0, None
     if resume_from:
-        state = read_state(resume_from)
-        if state["samples_per_step"] != samples_per_step:
-            raise UserError(f"{resume_from} was trained with {state['samples_per_step']} sequences per optimizer step, "
-                            f"this run has {samples_per_step}: set --global_batch_size {state['samples_per_step']}")
-        accelerator.load_state(resume_from)
-        step, initial_eval_loss = state["step"], state["initial_eval_loss"]
+        load_checkpoint(accelerator, resume_from, resume_state, samples_per_step)
+        step, initial_eval_loss = resume_state["step"], resume_state["initial_eval_loss"]
         accelerator.print(f"resumed from {resume_from} at step {step}")
     elif args.resume_from_checkpoint:
         accelerator.print(f"no checkpoint in {args.output_dir}/checkpoints yet: starting fresh")
@@ -106,25 +105,33 @@ def main(argv=None):
     peak_flops = device_peak_flops(accelerator.device, args.peak_flops)
     progress = tqdm(total=max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="training")
     loss_sum = torch.zeros((), device=accelerator.device)  # summed on device; read only when logging
-    grad_norm, window_steps, data_wait, train_seconds, run_steps = None, 0, 0.0, 0.0, 0
-    eval_loss = None
-    window_start = batch_ready = time.perf_counter()
+    timer, stop, nonfinite = WindowTimer(), StopSignal(), NonFiniteGuard(args.max_nonfinite_steps)
+    window_steps, run_steps, eval_loss = 0, 0, None
+
+    def checkpoint():
+        return save_checkpoint(accelerator, args.output_dir, dict(
+            step=step, epoch=step // steps_per_epoch, samples_seen=step * samples_per_step,
+            samples_per_step=samples_per_step, initial_eval_loss=initial_eval_loss, config=vars(args)),
+            args.checkpoints_total_limit)
 
     # ---- Training loop ----
     model.train()
     while step < max_steps:
         train_dataloader.set_epoch(epoch)
         for batch in train_dataloader:
-            data_wait += time.perf_counter() - batch_ready
+            timer.batch_arrived()
             with accelerator.accumulate(model):
                 loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
+                finite = True
+                if accelerator.sync_gradients:  # clip to inf = just measure the norm
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
+                    finite = nonfinite.update_is_finite(grad_norm)
+                if finite:  # a non-finite update is skipped (DeepSpeed steps inside backward: counted only)
+                    optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
-            batch_ready = time.perf_counter()
+            timer.batch_done()
             if not accelerator.sync_gradients:
                 continue
             lr_scheduler.step()
@@ -132,35 +139,36 @@ def main(argv=None):
             window_steps += 1
             run_steps += 1
             progress.update(1)
+            nonfinite.record(finite, step)
 
             if step % args.logging_steps == 0 or step == max_steps:
                 mean_loss = (accelerator.reduce(loss_sum, "mean") / (window_steps * accelerator.gradient_accumulation_steps)).item()
-                elapsed = time.perf_counter() - window_start
-                train_seconds += elapsed
+                elapsed, data_wait_pct = timer.close_window()
                 tokens_per_second = window_steps * tokens_per_step / elapsed
                 metrics.log(step, loss=mean_loss, lr=lr_scheduler.get_last_lr()[0],
                             grad_norm=None if grad_norm is None else float(grad_norm),
                             tokens_per_second=tokens_per_second,
                             mfu=peak_flops and flops_per_token * tokens_per_second / (peak_flops * accelerator.num_processes),
-                            peak_memory_gib=peak_memory_gib(accelerator.device),
-                            data_wait_pct=100 * data_wait / elapsed, epoch=epoch)
+                            peak_memory_gib=peak_memory_gib(accelerator.device), data_wait_pct=data_wait_pct,
+                            nonfinite_steps=nonfinite.total, epoch=epoch)
                 progress.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tokens_per_second:.0f}")
                 loss_sum.zero_()
-                window_steps, data_wait, window_start = 0, 0.0, time.perf_counter()
+                window_steps = 0
 
-            paused = time.perf_counter()
-            if (args.eval_steps and step % args.eval_steps == 0) or step == max_steps:
-                eval_loss = evaluate(model, eval_dataloader, accelerator)
-                metrics.log(step, eval_loss=eval_loss, perplexity=math.exp(eval_loss))
-                progress.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {math.exp(eval_loss):.1f}")
-
-            if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, args.output_dir, dict(
-                    step=step, epoch=step // steps_per_epoch, samples_seen=step * samples_per_step,
-                    samples_per_step=samples_per_step, initial_eval_loss=initial_eval_loss, config=vars(args)),
-                    args.checkpoints_total_limit)
-            window_start += time.perf_counter() - paused  # evaluation and saving are not training time
-            batch_ready = time.perf_counter()
+            with timer.paused():  # evaluation and saving are not training time
+                if (args.eval_steps and step % args.eval_steps == 0) or step == max_steps:
+                    eval_loss = evaluate(model, eval_dataloader, accelerator)
+                    metrics.log(step, eval_loss=eval_loss, perplexity=math.exp(eval_loss))
+                    progress.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {math.exp(eval_loss):.1f}")
+                saved = args.checkpointing_steps and step % args.checkpointing_steps == 0
+                if saved:
+                    checkpoint()
+            if stop.agreed(accelerator):  # preemption / Ctrl-C: keep this step, then exit
+                path = os.path.join(args.output_dir, "checkpoints", f"step_{step}") if saved else checkpoint()
+                accelerator.print(f"{stop.received or 'stop signal'} received: saved {path} after step {step}; "
+                                  "run the same command with --resume_from_checkpoint latest to continue")
+                accelerator.end_training()
+                sys.exit(EXIT_PREEMPTED)
             if step >= max_steps:
                 break
         epoch += 1
@@ -179,8 +187,8 @@ def main(argv=None):
         results = dict(initial_eval_loss=initial_eval_loss, eval_loss=eval_loss, perplexity=math.exp(eval_loss),
                        initial_perplexity=math.exp(initial_eval_loss), steps=step,
                        train_tokens=step * tokens_per_step,
-                       tokens_per_second=run_steps * tokens_per_step / train_seconds if train_seconds else None,
-                       train_seconds=train_seconds, parameters=n_params, sample=sample, **plan.record(accelerator))
+                       tokens_per_second=run_steps * tokens_per_step / timer.train_seconds if run_steps else None,
+                       train_seconds=timer.train_seconds, nonfinite_steps=nonfinite.total, parameters=n_params, sample=sample, **plan.record(accelerator))
         with open(os.path.join(args.output_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
         print(f"eval perplexity {math.exp(initial_eval_loss):.1f} -> {math.exp(eval_loss):.1f} "
@@ -207,5 +215,5 @@ if __name__ == "__main__":
     except UserError as error:
         if "--debug" in sys.argv:
             raise
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        print(f"\nerror: {error}", file=sys.stderr)  # a new line: a progress bar may be mid-line
+        sys.exit(EXIT_DIVERGED if isinstance(error, TrainingDiverged) else 2)

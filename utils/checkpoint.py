@@ -31,32 +31,60 @@ def complete_checkpoints(output_dir):
 
 
 def resolve_resume(output_dir, requested):
-    """The checkpoint directory to resume from, or None to start fresh; checked before any work."""
+    """(checkpoint directory, its state) to resume from, or (None, None) to start fresh.
+
+    Called before any expensive work, so a bad --resume_from_checkpoint fails at once."""
     if not requested:
-        return None
+        return None, None
     if requested == "latest":
         found = complete_checkpoints(output_dir)
-        return found[-1] if found else None
+        return (found[-1], read_state(found[-1])) if found else (None, None)
     if not os.path.isfile(os.path.join(requested, STATE_FILE)):
         raise UserError(f"--resume_from_checkpoint {requested} is not a complete checkpoint (no {STATE_FILE}): "
                         f"pass a step_N directory under {checkpoints_dir(output_dir)} or 'latest'")
-    return requested
+    return requested, read_state(requested)
 
 
 def read_state(checkpoint):
     try:
         with open(os.path.join(checkpoint, STATE_FILE)) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"checkpoint {checkpoint} is corrupt ({e}): resume from an earlier one") from e
+            state = json.load(f)
+        missing = {"step", "samples_per_step", "initial_eval_loss"} - set(state)
+        if missing:
+            raise KeyError(", ".join(sorted(missing)))
+        return state
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"checkpoint {checkpoint} is corrupt ({type(e).__name__}: {e}): "
+                        "resume from an earlier one or start fresh") from e
+
+
+def load_checkpoint(accelerator, checkpoint, state, samples_per_step):
+    """Restore model, optimizer, scheduler and RNG states, refusing a run whose batch would shift the data."""
+    if state["samples_per_step"] != samples_per_step:
+        raise UserError(f"{checkpoint} was trained with {state['samples_per_step']} sequences per optimizer step, this "
+                        f"run has {samples_per_step}, which would repeat or skip data: pass --global_batch_size "
+                        f"{state['samples_per_step']}")
+    try:
+        accelerator.load_state(checkpoint)
+    except Exception as e:  # torch, safetensors and DeepSpeed each raise their own types for a damaged file
+        raise UserError(f"checkpoint {checkpoint} is corrupt ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
+                        "resume from an earlier one or start fresh") from e
+
+
+def remove_incomplete(output_dir):
+    """Delete step_N.tmp directories left by runs killed while saving."""
+    root = checkpoints_dir(output_dir)
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        if name.endswith(".tmp"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 def save_checkpoint(accelerator, output_dir, state, total_limit=None):
     """Save a checkpoint for optimizer step state['step'] and rotate old ones; call on every process."""
     final = os.path.join(checkpoints_dir(output_dir), f"step_{state['step']}")
     tmp = final + ".tmp"
-    if accelerator.is_main_process and os.path.exists(tmp):
-        shutil.rmtree(tmp)  # left by a run killed mid-save
+    if accelerator.is_main_process:
+        remove_incomplete(output_dir)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
     accelerator.wait_for_everyone()

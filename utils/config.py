@@ -68,6 +68,10 @@ def build_parser():
     add("--peak_flops", type=float, default=None, help="device peak FLOP/s for MFU when not in the built-in table")
     add("--sample_prompt", default="The", help="prompt for the sample generated at the end")
     add("--sample_max_new_tokens", type=int, default=40)
+    add("--max_nonfinite_steps", type=int, default=3,
+        help="stop after this many consecutive optimizer steps with inf/NaN loss or gradients (each is skipped)")
+    add("--ddp_timeout", type=int, default=1800,
+        help="seconds a collective may wait (NCCL/gloo) before the run fails; raise it for slow checkpoint saves")
     add("--debug", action="store_true", help="show tracebacks for user errors")
     return p
 
@@ -111,7 +115,7 @@ def load_recipe(path, parser):
 def validate(args):
     """Cheap checks that must fail before any model or data is loaded."""
     for flag in ("block_size", "per_device_train_batch_size", "per_device_eval_batch_size",
-                 "gradient_accumulation_steps", "logging_steps", "num_train_epochs"):
+                 "gradient_accumulation_steps", "logging_steps", "num_train_epochs", "max_nonfinite_steps"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
     for flag in ("max_train_steps", "eval_steps", "checkpointing_steps", "checkpoints_total_limit", "global_batch_size"):
@@ -124,6 +128,7 @@ def validate(args):
         raise UserError("give either --dataset_name or --train_file, not both")
     if args.model_name_or_path and args.config_name:
         raise UserError("give either --model_name_or_path (continue training) or --config_name (from scratch), not both")
+    _check_output_dir(args.output_dir)
     for flag in ("train_file", "validation_file"):
         path = getattr(args, flag)
         if path is None:
@@ -139,3 +144,13 @@ def validate(args):
 def local_data_builder(path):
     """The `datasets` builder name for a local data file, or None for an unsupported extension."""
     return LOCAL_DATA_EXTENSIONS.get(path.rsplit(".", 1)[-1].lower())
+
+
+def _check_output_dir(path):
+    """The output directory, or the nearest existing folder above it, must be a writable directory."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--output_dir {path} is not writable ({existing} is not a writable directory): "
+                        "choose another --output_dir")

@@ -56,36 +56,54 @@ def embedded_corpus_file():
 # --- Raw text -------------------------------------------------------------------------------
 
 def load_raw_datasets(args):
-    """A DatasetDict with 'train' and 'validation', from the Hub, local files or the embedded corpus."""
-    pct = args.validation_split_percentage
+    """A DatasetDict with 'train' and 'validation', from the Hub, local files or the embedded corpus.
+
+    Without a validation split, the first --validation_split_percentage of train is held out."""
     if args.dataset_name:
-        def load(split=None):
-            return load_dataset(args.dataset_name, args.dataset_config_name, split=split)
         try:
-            raw = load()
-            if "validation" not in raw:
-                raw = DatasetDict(validation=load(f"train[:{pct}%]"), train=load(f"train[{pct}%:]"))
+            raw = load_dataset(args.dataset_name, args.dataset_config_name)
         except Exception as e:  # datasets raises many types for "not found / offline"
             raise UserError(f"cannot load dataset {args.dataset_name!r} ({type(e).__name__}): check the name, "
                             "or pass local files with --train_file when offline") from e
     else:
         train_file = args.train_file or embedded_corpus_file()
-        builder = local_data_builder(train_file)
-        kwargs = {"sample_by": "paragraph", "keep_linebreaks": True} if builder == "text" else {}
-
-        def load(data_files, split):
-            try:
-                return load_dataset(builder, data_files=data_files, split=split, **kwargs)
-            except Exception as e:
-                raise UserError(f"cannot read {data_files}: {_first_line(e)}") from e
-        if args.validation_file:
-            raw = DatasetDict(train=load(train_file, "train"), validation=load(args.validation_file, "train"))
-        else:
-            raw = DatasetDict(validation=load(train_file, f"train[:{pct}%]"), train=load(train_file, f"train[{pct}%:]"))
+        files = {"train": train_file, **({"validation": args.validation_file} if args.validation_file else {})}
+        raw = DatasetDict({split: _load_local(path) for split, path in files.items()})
+    if "validation" not in raw:
+        train = raw["train"]
+        held_out = max(1, round(len(train) * args.validation_split_percentage / 100))  # at least one document
+        if len(train) and held_out >= len(train):
+            raise UserError(f"{args.validation_split_percentage}% of {len(train)} documents leaves an empty split: "
+                            "give a --validation_file or change --validation_split_percentage")
+        raw = DatasetDict(validation=train.select(range(held_out)), train=train.select(range(held_out, len(train))))
     for split in ("train", "validation"):
         if len(raw[split]) == 0:
-            raise UserError(f"the {split} split is empty: give more data or a larger --validation_split_percentage")
+            raise UserError(f"the {split} data is empty: check the file or dataset")
     return raw
+
+
+def _load_local(path):
+    builder = local_data_builder(path)
+    kwargs = {"sample_by": "paragraph", "keep_linebreaks": True} if builder == "text" else {}
+    try:
+        return load_dataset(builder, data_files=path, split="train", **kwargs)
+    except Exception as e:  # pyarrow / datasets raise many types for unreadable files
+        problem = _bad_json_line(path) if builder == "json" else None
+        raise UserError(f"cannot read {path}: {problem or _first_line(e)}") from e
+
+
+def _bad_json_line(path):
+    """'line N is not valid JSON (...)' for the first malformed line of a JSON-lines file, else None."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        if f.read(1) != "{":  # a single JSON document, not JSON lines: line numbers would mislead
+            return None
+        f.seek(0)
+        for number, line in enumerate(f, 1):
+            try:
+                line.strip() and json.loads(line)
+            except ValueError as e:
+                return f"line {number} is not valid JSON ({e}): fix or remove that line"
+    return None
 
 
 def _first_line(error):

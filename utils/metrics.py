@@ -1,9 +1,11 @@
 """Throughput, MFU and memory, logged to accelerate's trackers and OUTPUT_DIR/metrics.jsonl."""
 
+import contextlib
 import json
 import os
 import resource
 import sys
+import time
 
 import torch
 
@@ -74,3 +76,32 @@ class MetricsLog:
         if self.accelerator.is_main_process:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, **values}) + "\n")
+
+
+class WindowTimer:
+    """Training time and data-wait time per logging window, with evaluation and saving left out."""
+
+    def __init__(self):
+        self.window_start = self.batch_ready = time.perf_counter()
+        self.data_wait = self.train_seconds = 0.0
+
+    def batch_arrived(self):
+        self.data_wait += time.perf_counter() - self.batch_ready
+
+    def batch_done(self):
+        self.batch_ready = time.perf_counter()
+
+    @contextlib.contextmanager
+    def paused(self):
+        start = time.perf_counter()
+        yield
+        self.window_start += time.perf_counter() - start
+        self.batch_ready = time.perf_counter()
+
+    def close_window(self):
+        """(seconds, data-wait %) of the window since the last call; starts the next one."""
+        now = time.perf_counter()
+        elapsed, wait = now - self.window_start, self.data_wait
+        self.train_seconds += elapsed
+        self.window_start, self.data_wait = now, 0.0
+        return elapsed, 100 * wait / elapsed

@@ -23,40 +23,42 @@ PRESETS = {
 }
 
 
-def build_model(args, tokenizer):
-    """The model to train, with a vocabulary that covers the tokenizer."""
+def load_base_config(args):
+    """The config of --model_name_or_path or --config_name, loaded first so a bad name fails early."""
+    name = args.model_name_or_path or args.config_name
+    if name is None:
+        if args.model_preset not in PRESETS:
+            raise UserError(f"unknown --model_preset {args.model_preset!r}: choose one of {', '.join(PRESETS)}")
+        return None
+    try:
+        return AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model {name!r} ({type(e).__name__}): check the name, or download it "
+                        "while online (offline runs need a local directory)") from e
+
+
+def model_config(args, base_config, tokenizer):
+    """The final config: pretrained as is, --config_name or a preset sized to cover the tokenizer."""
     if args.model_name_or_path:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, attn_implementation="sdpa")
-        except OSError as e:
-            raise UserError(f"cannot load model {args.model_name_or_path!r}: check the name, or download it while "
-                            "online (offline runs need a local directory)") from e
-    else:
-        config = model_config(args, tokenizer)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    embeddings = model.get_input_embeddings().num_embeddings
-    if embeddings < len(tokenizer):
-        raise UserError(f"the model has {embeddings} token embeddings but the tokenizer has {len(tokenizer)} tokens: "
-                        "use the model's own tokenizer (--tokenizer_name) or a matching model")
-    return model
-
-
-def model_config(args, tokenizer):
-    """The config for a model trained from scratch: --config_name, else a preset sized to the tokenizer."""
+        if base_config.vocab_size < len(tokenizer):
+            raise UserError(f"model {args.model_name_or_path} has {base_config.vocab_size} token embeddings but the "
+                            f"tokenizer has {len(tokenizer)} tokens: use the model's own tokenizer")
+        return base_config
     vocab_size = _round_up(len(tokenizer), 64)  # multiples of 64 keep the output matmul on fast kernels
     special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id)
-    if args.config_name:
-        try:
-            config = AutoConfig.from_pretrained(args.config_name)
-        except OSError as e:
-            raise UserError(f"cannot load model config {args.config_name!r}: check the name or directory") from e
-        config.update(dict(vocab_size=max(config.vocab_size, vocab_size), **special))
-        return config
-    if args.model_preset not in PRESETS:
-        raise UserError(f"unknown --model_preset {args.model_preset!r}: choose one of {', '.join(PRESETS)}")
+    if base_config is not None:
+        base_config.update(dict(vocab_size=max(base_config.vocab_size, vocab_size), **special))
+        return base_config
     return LlamaConfig(vocab_size=vocab_size, max_position_embeddings=max(args.block_size, 2048),
                        tie_word_embeddings=False, **PRESETS[args.model_preset], **special)
+
+
+def build_model(args, config):
+    """Pretrained weights for --model_name_or_path, else a freshly initialized model."""
+    if args.model_name_or_path:
+        return AutoModelForCausalLM.from_pretrained(args.model_name_or_path, config=config, attn_implementation="sdpa")
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
 
 
 def _round_up(n, multiple):

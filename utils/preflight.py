@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 from accelerate.utils import InitProcessGroupKwargs
@@ -102,9 +103,10 @@ def preflight(args, env=os.environ):
         plan.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 0)))
         # DeepSpeed clips inside its engine: hand it --max_grad_norm (accelerate would fill "auto" with 1.0)
         env["ACCELERATE_GRADIENT_CLIPPING"] = str(args.max_grad_norm)
-        if world_size > 1 and not torch.cuda.is_available():
-            # accelerate leaves the backend unset on CPU and DeepSpeed then sees a single process
-            plan.kwargs_handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    # On CPU accelerate leaves DeepSpeed's backend unset and DeepSpeed then sees one process: name gloo.
+    # Otherwise keep the dataclass default "nccl", which accelerate leaves out so it picks per device.
+    backend = "gloo" if deepspeed and world_size > 1 and not torch.cuda.is_available() else "nccl"
+    plan.kwargs_handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=args.ddp_timeout)))
     fsdp = env.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     plan.sharded_parameters = plan.zero_stage == 3 or fsdp
     if not torch.cuda.is_available():

@@ -1,0 +1,221 @@
+"""Never lose a run: SIGKILL anywhere, SIGTERM, non-finite steps, and bad input that stops early."""
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import ROOT, TINY, train_losses
+
+# Long enough to be interrupted several times, short enough to finish in seconds.
+RUN = [*TINY, "--max_train_steps", 150, "--checkpointing_steps", 10, "--checkpoints_total_limit", 2,
+       "--eval_steps", 1000, "--num_warmup_steps", 5]
+
+
+def start(args):
+    """`python train.py ARGS`: one process, so signals reach the trainer itself."""
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run(args, timeout=300):
+    process = start(args)
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, out, err
+
+
+def wait_for(condition, process, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if condition():
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def logged_steps(out):
+    path = Path(out) / "metrics.jsonl"
+    try:
+        return [json.loads(line)["step"] for line in path.read_text().splitlines() if '"loss"' in line]
+    except (OSError, ValueError):
+        return []
+
+
+def weights(out):
+    return load_file(str(Path(out) / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus):
+    out = tmp_path_factory.mktemp("uninterrupted") / "out"
+    code, _, err = run(["--train_file", corpus, "--output_dir", out, *RUN])
+    assert code == 0, err[-3000:]
+    return out
+
+
+def assert_same_run(out, reference):
+    assert train_losses(out) == train_losses(reference)
+    ours, theirs = weights(out), weights(reference)
+    assert ours.keys() == theirs.keys()
+    assert all((ours[k] == theirs[k]).all() for k in ours), "final weights differ from the uninterrupted run"
+
+
+def test_sigkill_anywhere_then_resume_gives_the_same_weights(tmp_path, corpus, reference):
+    out = tmp_path / "killed"
+    args = ["--train_file", corpus, "--output_dir", out, *RUN, "--resume_from_checkpoint", "latest"]
+    rng = random.Random(0)
+    interrupted = 0
+    for attempt in range(4):
+        process = start(args)
+        if attempt == 1:  # in the middle of writing a checkpoint
+            ckpts = out / "checkpoints"
+            wait_for(lambda: ckpts.is_dir() and any(p.suffix == ".tmp" for p in ckpts.iterdir()), process)
+        else:  # at a random moment of training
+            target = max(logged_steps(out), default=0) + rng.randint(3, 25)
+            wait_for(lambda: max(logged_steps(out), default=0) >= target, process)
+            time.sleep(rng.random() * 0.05)
+        process.kill()
+        process.communicate()
+        interrupted += process.returncode == -signal.SIGKILL
+    assert interrupted >= 3
+    code, out_text, err = run(args)
+    assert code == 0, err[-3000:]
+    assert "resumed from" in out_text + err
+    assert not [p for p in (out / "checkpoints").iterdir() if p.suffix == ".tmp"]
+    assert_same_run(out, reference)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_75(tmp_path, corpus, reference):
+    out = tmp_path / "preempted"
+    args = ["--train_file", corpus, "--output_dir", out, *RUN, "--resume_from_checkpoint", "latest"]
+    process = start(args)
+    assert wait_for(lambda: max(logged_steps(out), default=0) >= 13, process)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 75, stderr[-3000:]
+    step = max(logged_steps(out))
+    assert f"SIGTERM received: saved {out / 'checkpoints' / f'step_{step}'} after step {step}" in stdout + stderr
+    assert (out / "checkpoints" / f"step_{step}" / "trainer_state.json").is_file()
+    code, _, err = run(args)
+    assert code == 0, err[-3000:]
+    assert_same_run(out, reference)
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, corpus):
+    out = tmp_path / "diverged"
+    code, _, err = run(["--train_file", corpus, "--output_dir", out, *TINY, "--max_train_steps", 50,
+                        "--learning_rate", "1e30", "--num_warmup_steps", 0, "--max_nonfinite_steps", 3])
+    assert code == 3
+    assert "consecutive steps with non-finite loss or gradients" in err.strip().splitlines()[-1]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    counts = [r["nonfinite_steps"] for r in records if "nonfinite_steps" in r]
+    assert counts[-2:] == [1, 2]  # skipped and counted, training went on, then the third stopped it
+    assert not (out / "model.safetensors").exists()  # nothing saved from a diverged run
+
+
+# --- Bad input: one line, a non-zero exit, before expensive work, output directory untouched ---
+
+def snapshot(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def existing_output(tmp_path):
+    """An output directory holding an earlier run's files, which a failed start must not touch."""
+    out = tmp_path / "out"
+    (out / "checkpoints" / "step_5").mkdir(parents=True)
+    (out / "checkpoints" / "step_5" / "trainer_state.json").write_text('{"step": 5, "samples_per_step": 4, '
+                                                                     '"initial_eval_loss": 6.0}')
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 6.2}\n')
+    (out / "model.safetensors").write_bytes(b"weights")
+    return out
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def bad_input_cases(tmp_path, corpus):
+    tiny_text = write(tmp_path / "tiny.txt", "Just a few words.\n\nAnd a second paragraph.\n")
+    garbage = tmp_path / "garbage.parquet"
+    garbage.write_bytes(b"\x00not parquet at all" * 10)
+    bad_json = write(tmp_path / "bad.jsonl", '{"text": "fine"}\n{"text": "fine too"}\n{"text": broken\n')
+    corrupt = tmp_path / "corrupt_ckpt"
+    corrupt.mkdir()
+    (corrupt / "trainer_state.json").write_text("{not json")
+    bad_ds = write(tmp_path / "ds.json", "{ this is not json")
+    return {
+        "missing file": (["--train_file", tmp_path / "nope.jsonl"], {}, "does not exist"),
+        "unreadable file": (["--train_file", garbage], {}, "cannot read"),
+        "empty dataset": (["--train_file", write(tmp_path / "empty.jsonl", "")], {}, "empty"),
+        "no text column": (["--train_file", write(tmp_path / "cols.jsonl", '{"a": 1, "b": 2}\n' * 50)], {},
+                           "no text column 'text'"),
+        "malformed json line": (["--train_file", bad_json], {}, "line 3 is not valid JSON"),
+        "split too short": (["--train_file", tiny_text, "--block_size", 512], {}, "fewer than one block"),
+        "unknown preset": (["--train_file", corpus, "--model_preset", "huge"], {}, "unknown --model_preset 'huge'"),
+        "unknown flag": (["--train_file", corpus, "--learnig_rate", 1], {}, "unrecognized arguments: --learnig_rate"),
+        "unknown recipe key": (["--config", write(tmp_path / "r.yaml", "lr: 1\n")], {}, "unknown key(s) lr"),
+        "model offline": (["--train_file", corpus, "--model_name_or_path", "no-org/no-model"], {},
+                          "cannot load model 'no-org/no-model'"),
+        "tokenizer offline": (["--train_file", corpus, "--tokenizer_name", "no-org/no-tokenizer"], {},
+                              "cannot load tokenizer 'no-org/no-tokenizer'"),
+        "ds_config does not parse": (["--train_file", corpus], {"ACCELERATE_USE_DEEPSPEED": "true",
+                                                               "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(bad_ds)},
+                                     "cannot read DeepSpeed config"),
+        "resume at nothing": (["--train_file", corpus, "--resume_from_checkpoint", tmp_path / "nothing"], {},
+                              "is not a complete checkpoint"),
+        "resume at corrupt": (["--train_file", corpus, "--resume_from_checkpoint", corrupt], {}, "is corrupt"),
+        "output not writable": (["--train_file", corpus, "--output_dir", tiny_text / "sub"], {}, "is not writable"),
+    }
+
+
+CASES = ["missing file", "unreadable file", "empty dataset", "no text column", "malformed json line",
+         "split too short", "unknown preset", "unknown flag", "unknown recipe key", "model offline",
+         "tokenizer offline", "ds_config does not parse", "resume at nothing", "resume at corrupt",
+         "output not writable"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_is_one_clear_line_and_touches_nothing(case, tmp_path, corpus, existing_output):
+    argv, env, message = bad_input_cases(tmp_path, corpus)[case]
+    if "--output_dir" not in argv:
+        argv = [*argv, "--output_dir", existing_output]
+    before = snapshot(existing_output)
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *TINY[:2], *map(str, argv)], cwd=ROOT,
+                            capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert message in last and (last.startswith("error:") or "usage" in result.stderr)
+    assert snapshot(existing_output) == before
+
+
+def test_vocab_mismatch_between_tokenizer_and_model(tmp_path, corpus, existing_output):
+    from transformers import LlamaConfig
+
+    model_dir = tmp_path / "small-vocab-model"
+    LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=32).save_pretrained(model_dir)
+    tokenizer_dir = tmp_path / "tokenizer"
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+    bpe = Tokenizer(models.WordLevel({f"w{i}": i for i in range(100)} | {"<eos>": 100}, unk_token="w0"))
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>").save_pretrained(tokenizer_dir)
+    before = snapshot(existing_output)
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--train_file", str(corpus), "--model_name_or_path",
+                             str(model_dir), "--tokenizer_name", str(tokenizer_dir), "--output_dir", str(existing_output)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "has 64 token embeddings but the tokenizer has 101 tokens" in result.stderr.strip().splitlines()[-1]
+    assert snapshot(existing_output) == before
