@@ -103,7 +103,8 @@ def main(argv=None):
     train_sampler.start_at(step % steps_per_epoch * samples_per_step)
 
     peak_flops = device_peak_flops(accelerator.device, args.peak_flops)
-    progress = tqdm(total=max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="training")
+    progress = tqdm(total=max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="training",
+                    file=sys.stdout)  # stderr stays for warnings and errors
     loss_sum = torch.zeros((), device=accelerator.device)  # summed on device; read only when logging
     timer, stop, nonfinite = WindowTimer(), StopSignal(), NonFiniteGuard(args.max_nonfinite_steps)
     window_steps, run_steps, eval_loss = 0, 0, None
@@ -215,5 +216,5 @@ if __name__ == "__main__":
     except UserError as error:
         if "--debug" in sys.argv:
             raise
-        print(f"\nerror: {error}", file=sys.stderr)  # a new line: a progress bar may be mid-line
+        print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_DIVERGED if isinstance(error, TrainingDiverged) else 2)

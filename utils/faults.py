@@ -1,5 +1,6 @@
 """Faults a long run must survive: preemption signals and non-finite steps."""
 
+import math
 import signal
 
 import torch
@@ -43,8 +44,8 @@ class NonFiniteGuard:
         self.limit, self.consecutive, self.total = limit, 0, 0
 
     def update_is_finite(self, grad_norm):
-        """Reads the (already all-reduced) gradient norm once per optimizer step."""
-        return grad_norm is None or bool(torch.isfinite(grad_norm))
+        """Reads the (already all-reduced) gradient norm, a tensor or DeepSpeed's float, once per step."""
+        return grad_norm is None or math.isfinite(float(grad_norm))
 
     def record(self, finite, step):
         if finite:
