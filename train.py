@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from utils.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
@@ -52,7 +52,9 @@ def main(argv=None):
     configure_trackers(args)
     accelerator = Accelerator(gradient_accumulation_steps=plan.gradient_accumulation_steps,
                               log_with=None if args.report_to == "none" else args.report_to,
-                              project_dir=args.output_dir, kwargs_handlers=plan.kwargs_handlers)
+                              project_dir=args.output_dir, kwargs_handlers=plan.kwargs_handlers,
+                              dynamo_backend="inductor" if args.torch_compile else None,  # None: the config's
+                              dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()))
     plan.apply(accelerator)
     accelerator.print(plan.describe(accelerator))
     if accelerator.is_main_process:
@@ -74,6 +76,8 @@ def main(argv=None):
     set_seed(args.seed)  # right before init: the weights depend on the seed alone, whatever ran before
     with plan.model_init_context(accelerator):
         model = build_model(args, config)
+    if args.gradient_checkpointing:  # recompute each layer's activations in backward: less memory, ~30% more compute
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     flops_per_token = training_flops_per_token(model, args.block_size)  # before sharding hides parameters
     n_params = parameter_count(model)
     optimizer = build_optimizer(model, args)
@@ -127,7 +131,7 @@ def main(argv=None):
                 finite = True
                 if accelerator.sync_gradients:  # clip to inf = just measure the norm
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
-                    finite = nonfinite.update_is_finite(grad_norm)
+                    finite = nonfinite.update_is_finite(grad_norm)  # a host sync, unless the guard is off
                 if finite:  # a non-finite update is skipped (DeepSpeed steps inside backward: counted only)
                     optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -150,7 +154,7 @@ def main(argv=None):
                             grad_norm=None if grad_norm is None else float(grad_norm),
                             tokens_per_second=tokens_per_second,
                             mfu=peak_flops and flops_per_token * tokens_per_second / (peak_flops * accelerator.num_processes),
-                            peak_memory_gib=peak_memory_gib(accelerator.device), data_wait_pct=data_wait_pct,
+                            peak_memory_gib=peak_memory_gib(accelerator), data_wait_pct=data_wait_pct,
                             nonfinite_steps=nonfinite.total, epoch=epoch)
                 progress.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tokens_per_second:.0f}")
                 loss_sum.zero_()

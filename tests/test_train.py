@@ -75,3 +75,13 @@ def test_two_processes_train_and_save_a_loadable_model(tmp_path, corpus):
     assert (res["num_processes"], res["distributed_type"]) == (2, "MULTI_CPU")  # DDP over gloo
     assert res["global_batch_size"] == 8 and res["train_tokens"] == 6 * 8 * 32
     assert saved_model_eval_loss(out, corpus) == pytest.approx(res["eval_loss"], abs=1e-4)
+
+
+@pytest.mark.parametrize("flag, tolerance", [("--gradient_checkpointing", 1e-5), ("--torch_compile", 1e-3)])
+def test_speed_flags_keep_the_numerics(flag, tolerance, trained, tmp_path, corpus):
+    """Recomputed activations give the same losses; inductor's fused kernels differ only in rounding.
+    The first steps are warmup, whose lr does not depend on the run length, so they compare directly."""
+    out = tmp_path / flag.strip("-")
+    launch(["--train_file", corpus, "--output_dir", out, *TINY, "--max_train_steps", 4, flag])
+    reference, losses = train_losses(trained), train_losses(out)
+    assert max(abs(losses[s] - reference[s]) for s in range(1, 5)) < tolerance

@@ -69,7 +69,10 @@ def build_parser():
     add("--sample_prompt", default="The", help="prompt for the sample generated at the end")
     add("--sample_max_new_tokens", type=int, default=40)
     add("--max_nonfinite_steps", type=int, default=3,
-        help="stop after this many consecutive optimizer steps with inf/NaN loss or gradients (each is skipped)")
+        help="stop after this many consecutive optimizer steps with inf/NaN loss or gradients (each is skipped); "
+             "0 turns the check and its once-per-step host sync off")
+    add("--torch_compile", action="store_true", help="compile the model with torch.compile (inductor)")
+    add("--gradient_checkpointing", action="store_true", help="trade ~30%% more compute for much less activation memory")
     add("--ddp_timeout", type=int, default=1800,
         help="seconds a collective may wait (NCCL/gloo) before the run fails; raise it for slow checkpoint saves")
     add("--debug", action="store_true", help="show tracebacks for user errors")
@@ -115,13 +118,15 @@ def load_recipe(path, parser):
 def validate(args):
     """Cheap checks that must fail before any model or data is loaded."""
     for flag in ("block_size", "per_device_train_batch_size", "per_device_eval_batch_size",
-                 "gradient_accumulation_steps", "logging_steps", "num_train_epochs", "max_nonfinite_steps"):
+                 "gradient_accumulation_steps", "logging_steps", "num_train_epochs"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
     for flag in ("max_train_steps", "eval_steps", "checkpointing_steps", "checkpoints_total_limit", "global_batch_size"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag} must be at least 1 (got {value})")
+    if args.max_nonfinite_steps < 0:
+        raise UserError("--max_nonfinite_steps must be 0 (off) or more")
     if not 0 < args.validation_split_percentage < 100:
         raise UserError("--validation_split_percentage must be between 1 and 99")
     if args.dataset_name and args.train_file:

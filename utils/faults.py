@@ -44,8 +44,9 @@ class NonFiniteGuard:
         self.limit, self.consecutive, self.total = limit, 0, 0
 
     def update_is_finite(self, grad_norm):
-        """Reads the (already all-reduced) gradient norm, a tensor or DeepSpeed's float, once per step."""
-        return grad_norm is None or math.isfinite(float(grad_norm))
+        """Reads the (already all-reduced) gradient norm, a tensor or DeepSpeed's float, once per
+        optimizer step; with the guard off (limit 0) nothing is read and the host never waits."""
+        return not self.limit or grad_norm is None or math.isfinite(float(grad_norm))
 
     def record(self, finite, step):
         if finite:

@@ -29,12 +29,14 @@ def device_peak_flops(device, override=None):
     return next((flops for key, flops in PEAK_FLOPS if key in name), None)
 
 
-def peak_memory_gib(device):
-    """Peak memory of this process: allocated GPU memory on CUDA, resident set size on CPU."""
+def peak_memory_gib(accelerator):
+    """Peak memory of the busiest process: allocated GPU memory on CUDA, resident set size on CPU."""
+    device = accelerator.device
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+        local = torch.cuda.max_memory_allocated(device) / 2**30
+    else:  # ru_maxrss is KiB on Linux, bytes on macOS
+        local = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)
+    return accelerator.gather(torch.tensor([local], device=device)).max().item()
 
 
 def configure_trackers(args):
