@@ -11,7 +11,6 @@ import json
 import math
 import os
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -23,10 +22,13 @@ from utils.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from utils.config import UserError, parse_args
 from utils.data import build_dataloaders, load_raw_datasets, load_tokenizer, resolve_text_column, tokenize_and_pack
 from utils.faults import EXIT_DIVERGED, EXIT_PREEMPTED, NonFiniteGuard, StopSignal, TrainingDiverged
-from utils.metrics import MetricsLog, WindowTimer, configure_trackers, device_peak_flops, peak_memory_gib
+from utils.hub import push_to_hub, set_generation_ids, write_model_card
+from utils.metrics import (MetricsLog, WindowTimer, configure_trackers, device_peak_flops, peak_memory_gib,
+                           tracker_init_kwargs, trackers)
 from utils.model import build_model, load_base_config, model_config, parameter_count, training_flops_per_token
 from utils.optim import build_optimizer, build_scheduler
 from utils.preflight import preflight
+from utils.report import write_report
 
 
 @torch.no_grad()
@@ -43,6 +45,19 @@ def evaluate(model, eval_dataloader, accelerator):
     return torch.cat(losses).mean().item()
 
 
+def evaluate_only(model, eval_dataloader, accelerator, args, eval_blocks):
+    """--eval_only: loss and perplexity of --model_name_or_path on the validation split; nothing is trained."""
+    eval_loss = evaluate(model, eval_dataloader, accelerator)
+    results = dict(eval_loss=eval_loss, perplexity=math.exp(eval_loss), eval_tokens=eval_blocks * args.block_size,
+                   model=args.model_name_or_path, block_size=args.block_size)
+    if accelerator.is_main_process:
+        with open(os.path.join(args.output_dir, "eval_results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"{args.model_name_or_path}: eval loss {eval_loss:.4f}, perplexity {math.exp(eval_loss):.2f} over "
+              f"{results['eval_tokens']:,} tokens; written to {os.path.join(args.output_dir, 'eval_results.json')}")
+    accelerator.end_training()
+
+
 def main(argv=None):
     # ---- Setup: everything that can fail on bad input fails here, before any expensive work ----
     args = parse_args(argv)
@@ -51,7 +66,7 @@ def main(argv=None):
     base_config = load_base_config(args)
     configure_trackers(args)
     accelerator = Accelerator(gradient_accumulation_steps=plan.gradient_accumulation_steps,
-                              log_with=None if args.report_to == "none" else args.report_to,
+                              log_with=trackers(args),
                               project_dir=args.output_dir, kwargs_handlers=plan.kwargs_handlers,
                               dynamo_backend="inductor" if args.torch_compile else None,  # None: the config's
                               dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()))
@@ -88,6 +103,8 @@ def main(argv=None):
     accelerator.print(f"model: {n_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs/token | "
                       f"data: {len(blocks['train'])} train / {len(blocks['validation'])} validation blocks of "
                       f"{args.block_size} | {steps_per_epoch} steps/epoch, {max_steps} steps")
+    if args.eval_only:  # measure an existing model through the same data pipeline, then stop
+        return evaluate_only(model, eval_dataloader, accelerator, args, len(blocks["validation"]))
 
     # ---- Resume or start ----
     step, initial_eval_loss = 0, None
@@ -98,7 +115,7 @@ def main(argv=None):
     elif args.resume_from_checkpoint:
         accelerator.print(f"no checkpoint in {args.output_dir}/checkpoints yet: starting fresh")
     metrics = MetricsLog(accelerator, args.output_dir, keep_through_step=step if resume_from else None)
-    accelerator.init_trackers(args.project_name, config=plan.tracker_config(args))
+    accelerator.init_trackers(args.project_name, config=plan.tracker_config(args), init_kwargs=tracker_init_kwargs(args))
     if initial_eval_loss is None:
         initial_eval_loss = evaluate(model, eval_dataloader, accelerator)
         metrics.log(0, eval_loss=initial_eval_loss, perplexity=math.exp(initial_eval_loss))
@@ -184,6 +201,7 @@ def main(argv=None):
         eval_loss = evaluate(model, eval_dataloader, accelerator)
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
+    set_generation_ids(unwrapped, tokenizer)  # generation_config.json stops at EOS and pads with the tokenizer's ids
     unwrapped.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process,
                               save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
     sample = generate_sample(unwrapped, tokenizer, args, accelerator, plan.sharded_parameters)
@@ -193,12 +211,17 @@ def main(argv=None):
                        initial_perplexity=math.exp(initial_eval_loss), steps=step,
                        train_tokens=step * tokens_per_step,
                        tokens_per_second=run_steps * tokens_per_step / timer.train_seconds if run_steps else None,
-                       train_seconds=timer.train_seconds, nonfinite_steps=nonfinite.total, parameters=n_params, sample=sample, **plan.record(accelerator))
+                       train_seconds=timer.train_seconds, nonfinite_steps=nonfinite.total, parameters=n_params,
+                       sample=sample, **plan.record(accelerator), config=vars(args))
         with open(os.path.join(args.output_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
         print(f"eval perplexity {math.exp(initial_eval_loss):.1f} -> {math.exp(eval_loss):.1f} "
               f"({math.exp(initial_eval_loss - eval_loss):.1f}x lower); model saved to {args.output_dir}")
         print(f"sample: {sample}")
+        write_model_card(args.output_dir)  # README.md: the model card of OUTPUT_DIR as a Hub repository
+        print(f"report: {write_report(args.output_dir)}")
+        if args.push_to_hub:
+            print(f"uploaded to {push_to_hub(args.output_dir, args.hub_model_id or args.run_name)}")
     accelerator.end_training()  # last: it tears down the process group
 
 

@@ -64,7 +64,8 @@ def build_parser():
     add("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
     add("--resume_from_checkpoint", help="checkpoint directory, or 'latest' in OUTPUT_DIR/checkpoints")
     add("--report_to", default="none", choices=REPORT_TO)
-    add("--project_name", default="clm-training", help="wandb project / TensorBoard sub-directory")
+    add("--project_name", default="clm-training", help="wandb project")
+    add("--run_name", help="wandb run name and TensorBoard sub-directory (default: the output directory's name)")
     add("--peak_flops", type=float, default=None, help="device peak FLOP/s for MFU when not in the built-in table")
     add("--sample_prompt", default="The", help="prompt for the sample generated at the end")
     add("--sample_max_new_tokens", type=int, default=40)
@@ -75,6 +76,10 @@ def build_parser():
     add("--gradient_checkpointing", action="store_true", help="trade ~30%% more compute for much less activation memory")
     add("--ddp_timeout", type=int, default=1800,
         help="seconds a collective may wait (NCCL/gloo) before the run fails; raise it for slow checkpoint saves")
+    add("--eval_only", action="store_true",
+        help="only measure --model_name_or_path on the validation split: OUTPUT_DIR/eval_results.json, no training")
+    add("--push_to_hub", action="store_true", help="upload OUTPUT_DIR to the Hugging Face Hub at the end")
+    add("--hub_model_id", help="Hub repository for --push_to_hub, 'user/name' (default: --run_name in your namespace)")
     add("--debug", action="store_true", help="show tracebacks for user errors")
     return p
 
@@ -86,6 +91,7 @@ def parse_args(argv=None):
         parser.set_defaults(**load_recipe(recipe_path, parser))
     args = parser.parse_args(argv)
     validate(args)
+    args.run_name = args.run_name or os.path.basename(os.path.abspath(args.output_dir))
     return args
 
 
@@ -133,6 +139,14 @@ def validate(args):
         raise UserError("give either --dataset_name or --train_file, not both")
     if args.model_name_or_path and args.config_name:
         raise UserError("give either --model_name_or_path (continue training) or --config_name (from scratch), not both")
+    if args.eval_only and not args.model_name_or_path:
+        raise UserError("--eval_only needs the model to measure: pass --model_name_or_path DIR")
+    if args.eval_only and args.push_to_hub:
+        raise UserError("--eval_only trains nothing to push: drop --push_to_hub")
+    if args.push_to_hub:
+        from utils.hub import check_can_push  # imported here: utils.hub imports UserError from this module
+
+        check_can_push()
     _check_output_dir(args.output_dir)
     for flag in ("train_file", "validation_file"):
         path = getattr(args, flag)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import DatasetDict, load_dataset
+from datasets import DatasetDict, Features, Sequence, Value, load_dataset
 from huggingface_hub.constants import HF_HOME
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -183,10 +183,14 @@ class PackedBlocks(Dataset):
 def tokenize_and_pack(raw, text_column, tokenizer, args, accelerator):
     """Tokenize every split once (cached), join documents with EOS and cut into blocks."""
     eos = tokenizer.eos_token_id
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # Rust: no offsets, no Python-side wrapping
 
     def tokenize(batch):
         texts = [t for t in batch[text_column] if t]
-        ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+        if backend is not None:
+            ids = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+        else:
+            ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
         return {"input_ids": [x + [eos] for x in ids]}
 
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
@@ -194,6 +198,7 @@ def tokenize_and_pack(raw, text_column, tokenizer, args, accelerator):
     for split, dataset in raw.items():
         with accelerator.main_process_first():
             tokenized = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names,
+                                    features=Features({"input_ids": Sequence(Value("int32"))}),  # half of int64
                                     num_proc=args.preprocessing_num_workers, desc=f"Tokenizing {split}")
             path = _token_stream_path(tokenized, dtype)
             if not path.exists():

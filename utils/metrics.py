@@ -8,6 +8,7 @@ import sys
 import time
 
 import torch
+from accelerate.tracking import TensorBoardTracker
 
 # Dense bf16/fp16 tensor-core peak FLOP/s per device (vendor datasheets, no sparsity). Matched as
 # substrings of torch.cuda.get_device_name(), most specific first.
@@ -37,6 +38,20 @@ def peak_memory_gib(accelerator):
     else:  # ru_maxrss is KiB on Linux, bytes on macOS
         local = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)
     return accelerator.gather(torch.tensor([local], device=device)).max().item()
+
+
+def trackers(args):
+    """accelerate's `log_with` for --report_to. TensorBoard writes to OUTPUT_DIR/tensorboard/RUN_NAME;
+    'all' means these two, not every tracker accelerate happens to find installed."""
+    names = {"none": [], "all": ["tensorboard", "wandb"]}.get(args.report_to, [args.report_to])
+    tensorboard_dir = os.path.join(args.output_dir, "tensorboard")
+    return [TensorBoardTracker(args.run_name, tensorboard_dir) if name == "tensorboard" else name
+            for name in names] or None
+
+
+def tracker_init_kwargs(args):
+    """wandb's run name and directory: the run lands in OUTPUT_DIR/wandb whatever WANDB_DIR says."""
+    return {"wandb": {"name": args.run_name, "dir": os.path.abspath(args.output_dir)}}
 
 
 def configure_trackers(args):

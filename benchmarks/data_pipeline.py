@@ -1,0 +1,121 @@
+"""Data pipeline: tokenize + pack throughput and peak RAM, ours vs run_clm_no_trainer.py's.
+
+On a corpus of at least --megabytes MB (Python's documentation, the default job's text, repeated),
+with the same trained tokenizer and block size, each pipeline in a fresh process with an empty
+`datasets` cache. Ours runs twice: the second run must come from the cache.
+
+    python benchmarks/data_pipeline.py            # ~3 minutes on 2 CPU cores
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from itertools import chain
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--megabytes", type=int, default=50)
+    p.add_argument("--block", type=int, default=1024)
+    p.add_argument("--worker", choices=["ours", "classic"], help=argparse.SUPPRESS)
+    p.add_argument("--corpus", help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+def build_corpus(path, megabytes):
+    """JSON lines of real prose, repeated to size (the tokenizer's speed does not depend on novelty)."""
+    from utils.data import embedded_corpus_file
+
+    lines = Path(embedded_corpus_file()).read_text()
+    copies = -(-megabytes * 2**20 // len(lines.encode()))
+    path.write_text(lines * copies)
+    return path.stat().st_size
+
+
+def tokenizer_for(corpus):
+    from accelerate import PartialState
+    from datasets import load_dataset
+    from utils.config import parse_args
+    from utils.data import load_raw_datasets, load_tokenizer
+
+    args = parse_args([])
+    embedded = load_raw_datasets(args)["train"]  # the default job's tokenizer, trained once and cached
+    return load_tokenizer(args, embedded, "text", PartialState()), load_dataset("json", data_files=corpus, split="train")
+
+
+def ours(raw, tokenizer, block):
+    import argparse as ap
+
+    from accelerate import PartialState
+    from datasets import DatasetDict
+    from utils.data import tokenize_and_pack
+
+    args = ap.Namespace(block_size=block, preprocessing_num_workers=None)
+    return len(tokenize_and_pack(DatasetDict(train=raw), "text", tokenizer, args, PartialState())["train"]) * block
+
+
+def classic(raw, tokenizer, block):
+    """transformers' examples/pytorch/language-modeling/run_clm_no_trainer.py, as written there."""
+    def tokenize_function(examples):
+        return tokenizer(examples["text"])
+
+    tokenized = raw.map(tokenize_function, batched=True, remove_columns=raw.column_names)
+
+    def group_texts(examples):
+        concatenated = {k: list(chain(*examples[k])) for k in examples.keys()}
+        total_length = len(concatenated[list(examples.keys())[0]])
+        total_length = (total_length // block) * block
+        result = {k: [t[i: i + block] for i in range(0, total_length, block)] for k, t in concatenated.items()}
+        result["labels"] = result["input_ids"].copy()
+        return result
+
+    return len(tokenized.map(group_texts, batched=True)) * block
+
+
+def run_worker(name, corpus, cache, block):
+    env = {**os.environ, "HF_DATASETS_CACHE": cache, "TOKENIZERS_PARALLELISM": "true"}
+    out = subprocess.run([sys.executable, __file__, "--worker", name, "--corpus", corpus, "--block", str(block)],
+                         check=True, capture_output=True, text=True, env=env, cwd=ROOT).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main():
+    args = parse()
+    if args.worker:
+        tokenizer, raw = tokenizer_for(args.corpus)
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        start = time.perf_counter()
+        tokens = (ours if args.worker == "ours" else classic)(raw, tokenizer, args.block)  # tokens in blocks
+        seconds = time.perf_counter() - start
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(json.dumps({"seconds": seconds, "tokens": tokens, "peak_rss_mib": peak / 1024,
+                          "added_rss_mib": (peak - rss_before) / 1024}))
+        return
+    with tempfile.TemporaryDirectory() as work:
+        corpus = Path(work) / "corpus.jsonl"
+        size = build_corpus(corpus, args.megabytes)
+        print(f"corpus: {size / 2**20:.0f} MiB of JSON lines, block size {args.block}")
+        rows = {}
+        for name, cache in (("classic", "classic"), ("ours", "ours"), ("ours, cached", "ours")):
+            rows[name] = run_worker(name.split(",")[0], str(corpus), os.path.join(work, cache), args.block)
+            r = rows[name]
+            print(f"  {name}: {r['seconds']:.1f} s", flush=True)
+    print(f"\n{'pipeline':<28}{'seconds':>9}{'tokens/s':>12}{'peak RSS MiB':>14}{'added MiB':>11}")
+    for name, r in rows.items():
+        print(f"{name:<28}{r['seconds']:>9.2f}{r['tokens'] / r['seconds']:>12,.0f}{r['peak_rss_mib']:>14,.0f}"
+              f"{r['added_rss_mib']:>11,.0f}")
+    print(f"speed-up ours vs run_clm_no_trainer: {rows['classic']['seconds'] / rows['ours']['seconds']:.2f}x; "
+          f"cached second run: {rows['ours, cached']['seconds']:.2f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Sample text from a causal language model: a run's OUTPUT_DIR, one of its checkpoints, or any model.
+
+    python -m utils.generate --model output --prompt "The" --num_samples 3
+    python -m utils.generate --model output/checkpoints/step_500 --prompt "The" --temperature 0   # greedy
+
+A checkpoint written during training holds accelerate's model.safetensors but no config or
+tokenizer. Those come from the run's OUTPUT_DIR two levels up once the run has saved its model;
+before that (a run still going, or stopped) they are rebuilt from the flags stored in the
+checkpoint's trainer_state.json, through train.py's own tokenizer and model code.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, set_seed
+
+from utils.checkpoint import STATE_FILE, read_state
+from utils.config import UserError
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Generate text with a causal language model.")
+    p.add_argument("--model", required=True, help="OUTPUT_DIR, OUTPUT_DIR/checkpoints/step_N, a model directory or Hub name")
+    p.add_argument("--prompt", default="The", help="text to continue ('' starts from the BOS token)")
+    p.add_argument("--max_new_tokens", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely token (greedy)")
+    p.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens; 0 disables")
+    p.add_argument("--top_p", type=float, default=1.0, help="sample among the most likely tokens holding this mass")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_samples", type=int, default=1)
+    return p
+
+
+def load_model_and_tokenizer(path):
+    """(model, tokenizer) from a model directory, a training checkpoint, or a Hub name (cached when offline)."""
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return _from_pretrained(path)
+    if os.path.isfile(os.path.join(path, STATE_FILE)):
+        return _from_checkpoint(path)
+    if os.path.exists(path):
+        raise UserError(f"{path} holds no model (no config.json) and is not a training checkpoint (no {STATE_FILE}): "
+                        "pass OUTPUT_DIR or OUTPUT_DIR/checkpoints/step_N")
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:  # a Hub name is 'name' or 'owner/name'
+        raise UserError(f"{path} does not exist: pass OUTPUT_DIR, OUTPUT_DIR/checkpoints/step_N or a Hub name")
+    return _from_pretrained(path)
+
+
+def _from_pretrained(name):
+    try:
+        return AutoModelForCausalLM.from_pretrained(name), AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model {name!r} ({type(e).__name__}: {_first_line(e)}): pass a model "
+                        "directory, a checkpoint directory, or a Hub name that is cached or reachable") from e
+
+
+def _from_checkpoint(checkpoint):
+    if not os.path.isfile(os.path.join(checkpoint, "model.safetensors")):
+        raise UserError(f"checkpoint {checkpoint} has no model.safetensors (DeepSpeed and FSDP save sharded states): "
+                        "generate from OUTPUT_DIR once the run has saved its model")
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
+    if os.path.isfile(os.path.join(run_dir, "config.json")):
+        config, tokenizer = AutoConfig.from_pretrained(run_dir), AutoTokenizer.from_pretrained(run_dir)
+    else:
+        config, tokenizer = _rebuild_from_flags(checkpoint)
+    try:
+        # generation_config given explicitly: transformers would look for it in the checkpoint and fail
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, config=config,
+                                                     generation_config=GenerationConfig.from_model_config(config))
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"cannot load the weights of checkpoint {checkpoint} ({type(e).__name__}: {_first_line(e)}): "
+                        "is it from this run?") from e
+    return model, tokenizer
+
+
+def _rebuild_from_flags(checkpoint):
+    """The config and tokenizer exactly as train.py built them, from the flags the checkpoint recorded."""
+    from accelerate import PartialState
+
+    from utils.config import build_parser as train_parser
+    from utils.data import load_raw_datasets, load_tokenizer, resolve_text_column
+    from utils.model import load_base_config, model_config
+
+    args = train_parser().parse_args([])  # defaults for flags newer than the checkpoint
+    vars(args).update(read_state(checkpoint).get("config") or {})
+    try:
+        if args.tokenizer_name or args.model_name_or_path:
+            tokenizer = load_tokenizer(args, None, None, PartialState())
+        else:  # the tokenizer was trained on the run's data (and cached): the same data gives the same one
+            train = load_raw_datasets(args)["train"]
+            tokenizer = load_tokenizer(args, train, resolve_text_column(train, args.text_column), PartialState())
+        return model_config(args, load_base_config(args), tokenizer), tokenizer
+    except UserError as e:
+        raise UserError(f"checkpoint {checkpoint} has no config.json nearby and rebuilding it from the run's flags "
+                        f"failed ({e}); run from the directory training ran in, or wait for the run to save its model") from e
+
+
+def _first_line(error):
+    return (str(error).strip().splitlines() or [""])[0][:200]
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt, max_new_tokens=50, temperature=0.8, top_k=50, top_p=1.0, seed=0, num_samples=1):
+    """`num_samples` continuations of `prompt` (prompt included), reproducible for a given seed."""
+    set_seed(seed)
+    model.eval()
+    if prompt:
+        inputs = tokenizer(prompt, return_tensors="pt")
+    else:  # nothing to continue: start from the beginning-of-text token
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        inputs = {"input_ids": torch.tensor([[start]]), "attention_mask": torch.ones(1, 1, dtype=torch.long)}
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    sampling = dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p) if temperature > 0 else \
+        dict(do_sample=False, temperature=None, top_k=None, top_p=None)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
+                            pad_token_id=pad, **sampling)
+    return [tokenizer.decode(sequence, skip_special_tokens=True) for sequence in output]
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for flag in ("max_new_tokens", "num_samples"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1")
+    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+        parser.error("--temperature and --top_k must be at least 0, --top_p in (0, 1]")
+    try:
+        model, tokenizer = load_model_and_tokenizer(args.model)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    samples = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
+                       args.top_p, args.seed, args.num_samples)
+    for i, text in enumerate(samples):
+        if len(samples) > 1:
+            print(f"--- sample {i + 1} ---")
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,319 @@
+"""A one-page summary of a run, finished or still going: OUTPUT_DIR/report.md and its plots.
+
+    python -m utils.report OUTPUT_DIR
+
+It reads only what a run leaves on disk: metrics.jsonl (appended as the run goes), results.json
+(written at the end) and the run's flags (in results.json, else in the newest checkpoint's
+trainer_state.json), so it works on a finished run, a running one and one that was stopped.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+from utils.checkpoint import STATE_FILE, complete_checkpoints
+from utils.config import UserError
+
+PLOTS_DIR = "plots"
+
+
+@dataclass
+class Run:
+    output_dir: str
+    metrics: list  # the records of metrics.jsonl, in order
+    results: dict | None  # results.json; None until the run has finished
+    checkpoint_state: dict | None  # trainer_state.json of the newest complete checkpoint
+    config: dict | None  # the run's flags
+
+    @property
+    def finished(self):
+        return self.results is not None
+
+    @property
+    def train_records(self):
+        return [r for r in self.metrics if "loss" in r]
+
+    @property
+    def eval_records(self):
+        return [r for r in self.metrics if "eval_loss" in r]
+
+    @property
+    def name(self):
+        return (self.config or {}).get("run_name") or os.path.basename(os.path.abspath(self.output_dir))
+
+
+def load_run(output_dir):
+    if not os.path.isdir(output_dir):
+        raise UserError(f"{output_dir} is not a directory: pass the --output_dir of a run")
+    metrics = _read_jsonl(os.path.join(output_dir, "metrics.jsonl"))
+    results = _read_json(os.path.join(output_dir, "results.json"))
+    if not metrics and results is None:
+        raise UserError(f"{output_dir} has no metrics.jsonl or results.json yet: "
+                        "wait for the run's first evaluation, or check the path")
+    checkpoints = complete_checkpoints(output_dir)
+    state = _read_json(os.path.join(checkpoints[-1], STATE_FILE)) if checkpoints else None
+    config = (results or {}).get("config") or (state or {}).get("config")
+    return Run(output_dir, metrics, results, state, config)
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _read_jsonl(path):
+    """Every complete record; a running job may be half-way through writing the last line."""
+    records = []
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    pass
+    except OSError:
+        pass
+    return records
+
+
+# --- Numbers ---------------------------------------------------------------------------------
+
+def headline(run):
+    """The numbers a person looks at first, from results.json when finished, else from the metrics."""
+    res, evals, train = run.results or {}, run.eval_records, run.train_records
+    initial = res.get("initial_eval_loss", evals[0]["eval_loss"] if evals else None)
+    final = res.get("eval_loss", evals[-1]["eval_loss"] if len(evals) > 1 else None)
+    speeds = sorted(r["tokens_per_second"] for r in train if "tokens_per_second" in r)
+    mfus = [r["mfu"] for r in train if "mfu" in r]
+    memory = [r["peak_memory_gib"] for r in train if "peak_memory_gib" in r]
+    last_step = max((r["step"] for r in run.metrics), default=0)
+    tokens_per_step = _tokens_per_step(run)
+    return dict(
+        initial_eval_loss=initial, eval_loss=final,
+        eval_step=evals[-1]["step"] if final is not None and evals else None,
+        train_loss=train[-1]["loss"] if train else None, train_loss_step=train[-1]["step"] if train else None,
+        steps=res.get("steps", last_step),
+        train_tokens=res.get("train_tokens", tokens_per_step and last_step * tokens_per_step),
+        # while running: the median window, which neither the first (warm-up) nor a slow one skews
+        tokens_per_second=res.get("tokens_per_second", speeds[len(speeds) // 2] if speeds else None),
+        train_seconds=res.get("train_seconds"), mfu=sum(mfus) / len(mfus) if mfus else None,
+        peak_memory_gib=max(memory) if memory else None,
+        nonfinite_steps=res.get("nonfinite_steps", train[-1].get("nonfinite_steps") if train else None),
+        parameters=res.get("parameters"))
+
+
+def _tokens_per_step(run):
+    """Known before results.json once a checkpoint has recorded the sequences per optimizer step."""
+    if run.checkpoint_state and run.config:
+        return run.checkpoint_state["samples_per_step"] * run.config["block_size"]
+    return None
+
+
+def batch_math(run):
+    """'micro-batch x accumulation x processes = sequences x tokens = tokens per optimizer step'."""
+    res, config = run.results, run.config or {}
+    block = config.get("block_size")
+    if res:
+        sequences = res["global_batch_size"]
+        return (f"{res['micro_batch_size']} micro-batch x {res['gradient_accumulation_steps']} accumulation x "
+                f"{res['num_processes']} process{'es' if res['num_processes'] > 1 else ''} = {sequences} sequences"
+                + (f" x {block} tokens = {sequences * block:,} tokens per optimizer step" if block else " per optimizer step"))
+    if run.checkpoint_state and block:
+        sequences = run.checkpoint_state["samples_per_step"]
+        return (f"{sequences} sequences x {block} tokens = {sequences * block:,} tokens per optimizer step "
+                f"(micro-batch {config.get('per_device_train_batch_size')} per process)")
+    if block:
+        return (f"micro-batch {config.get('per_device_train_batch_size')} x accumulation "
+                f"{config.get('gradient_accumulation_steps')} per process, {block} tokens per sequence "
+                "(processes: in results.json at the end)")
+    return "unknown until the first checkpoint or the end of the run"
+
+
+def status_line(run):
+    if run.finished:
+        res = run.results
+        return f"finished: {res['steps']} steps in {_duration(res['train_seconds'])} of training"
+    planned = (run.config or {}).get("max_train_steps")
+    last_step = max((r["step"] for r in run.metrics), default=0)
+    age = time.time() - os.path.getmtime(os.path.join(run.output_dir, "metrics.jsonl"))
+    checkpoint = f", last checkpoint at step {run.checkpoint_state['step']}" if run.checkpoint_state else ""
+    return (f"running or stopped (no results.json yet): step {last_step}{f' of {planned}' if planned else ''} "
+            f"logged {_duration(age)} ago{checkpoint}")
+
+
+def metrics_table(run):
+    """Markdown rows of the final (or latest) metrics; the model card shows the same table."""
+    h = headline(run)
+    rows = []
+    if h["initial_eval_loss"] is not None:
+        initial, final = h["initial_eval_loss"], h["eval_loss"]
+        if final is None:
+            rows += [("eval loss (step 0)", f"{initial:.4f}"), ("eval perplexity (step 0)", f"{math.exp(initial):.1f}")]
+        else:
+            when = "" if run.finished else f" (step {h['eval_step']})"
+            rows += [("eval loss" + when, f"{initial:.4f} → {final:.4f}"),
+                     ("eval perplexity" + when, f"{math.exp(initial):.1f} → {math.exp(final):.1f} "
+                                                f"({math.exp(initial - final):.1f}x lower)")]
+    if h["train_loss"] is not None:
+        rows.append(("last training loss", f"{h['train_loss']:.4f} (step {h['train_loss_step']})"))
+    rows.append(("optimizer steps", f"{h['steps']:,}"))
+    if h["train_tokens"]:
+        rows.append(("tokens trained", f"{h['train_tokens']:,}"))
+    if h["tokens_per_second"]:
+        rows.append(("throughput", f"{h['tokens_per_second']:,.0f} tokens/s"))
+    if h["train_seconds"] is not None:
+        rows.append(("training time", _duration(h["train_seconds"])))
+    if h["mfu"] is not None:
+        rows.append(("MFU", f"{100 * h['mfu']:.1f}%"))
+    if h["peak_memory_gib"] is not None:
+        rows.append(("peak memory (main process)", f"{h['peak_memory_gib']:.2f} GiB"))
+    if h["parameters"]:
+        rows.append(("parameters", millions(h["parameters"])))
+    if h["nonfinite_steps"]:
+        rows.append(("non-finite steps (skipped)", str(h["nonfinite_steps"])))
+    return _table(("metric", "value"), rows)
+
+
+def config_table(run):
+    """The flags that decide what a run is, not all fifty of them."""
+    c, res = run.config, run.results or {}
+    if not c:
+        return "(no run config yet: it is saved with the first checkpoint and at the end)"
+    rows = [("model", describe_model(c)), ("data", describe_data(c)), ("sequence length", f"{c['block_size']} tokens"),
+            ("optimizer", f"AdamW, lr {c['learning_rate']:g}, betas ({c['adam_beta1']:g}, {c['adam_beta2']:g}), "
+                          f"weight decay {c['weight_decay']:g}, clipping {c['max_grad_norm'] or 'off'}"),
+            ("schedule", f"{c['lr_scheduler_type']}, {c['num_warmup_steps']} warmup steps"
+                         + (f", down to {c['min_lr_ratio']:g} x lr" if c["lr_scheduler_type"] == "cosine" else "")),
+            ("length", f"{c['max_train_steps']} steps" if c.get("max_train_steps") else f"{c['num_train_epochs']} epochs"),
+            ("seed", str(c["seed"]))]
+    if res:
+        zero = f" ZeRO-{res['zero_stage']}" if res.get("zero_stage") is not None else ""
+        processes = f"{res['num_processes']} process{'es' if res['num_processes'] > 1 else ''}"
+        rows.append(("ran on", f"{processes}, distributed type {res['distributed_type']}{zero}, "
+                               f"mixed precision {res['mixed_precision']}"))
+    return _table(("setting", "value"), rows)
+
+
+def describe_model(config):
+    if config.get("model_name_or_path"):
+        return f"{config['model_name_or_path']} (pretrained, training continued)"
+    if config.get("config_name"):
+        return f"{config['config_name']} architecture, random init"
+    return f"Llama-style preset '{config.get('model_preset')}', random init"
+
+
+def describe_data(config):
+    if config.get("dataset_name"):
+        return " / ".join(filter(None, (config["dataset_name"], config.get("dataset_config_name"))))
+    if config.get("train_file"):
+        return os.path.basename(config["train_file"])
+    return "embedded corpus (Python's documentation)"
+
+
+def _table(header, rows):
+    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
+    return "\n".join(lines + [f"| {k} | {v} |" for k, v in rows])
+
+
+def millions(count):
+    return f"{count / 1e9:.2f}B" if count >= 1e9 else f"{count / 1e6:.{1 if count >= 1e7 else 2}f}M"
+
+
+def _duration(seconds):
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+# --- Plots -----------------------------------------------------------------------------------
+
+def write_plots(run):
+    """PNG plots in OUTPUT_DIR/plots; returns [(title, path relative to OUTPUT_DIR)] of those written."""
+    train, evals = run.train_records, run.eval_records
+    curves = {
+        "loss": ("Loss", "loss", [("training", train, "loss", "-"), ("eval", evals, "eval_loss", "o-")]),
+        "lr": ("Learning rate", "learning rate", [("lr", train, "lr", "-")]),
+        "tokens_per_second": ("Throughput", "tokens / s", [("tokens/s", train, "tokens_per_second", "-")]),
+    }
+    os.makedirs(os.path.join(run.output_dir, PLOTS_DIR), exist_ok=True)
+    written = []
+    for name, (title, ylabel, series) in curves.items():
+        series = [(label, [r["step"] for r in records if key in r], [r[key] for r in records if key in r], style)
+                  for label, records, key, style in series]
+        if not any(steps for _, steps, _, _ in series):
+            continue
+        path = os.path.join(PLOTS_DIR, f"{name}.png")
+        _plot(os.path.join(run.output_dir, path), title, ylabel, series)
+        written.append((title, path))
+    return written
+
+
+def _plot(path, title, ylabel, series):
+    # The Agg canvas directly, without pyplot: no display, no global backend switch inside train.py
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 3.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for label, steps, values, style in series:
+        if steps:
+            axes.plot(steps, values, style, label=label, markersize=4, linewidth=1.5)
+    axes.set(title=title, xlabel="optimizer step", ylabel=ylabel)
+    axes.grid(alpha=0.3)
+    if len(series) > 1:
+        axes.legend()
+    tmp = f"{path}.tmp{os.getpid()}.png"  # a reader never sees half a PNG
+    figure.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
+
+
+# --- The report ------------------------------------------------------------------------------
+
+def write_report(output_dir):
+    """Write OUTPUT_DIR/report.md and its plots; returns the report's path."""
+    run = load_run(output_dir)
+    h = headline(run)
+    lines = [f"# Training report: {run.name}", "", f"**Status:** {status_line(run)}", ""]
+    if h["eval_loss"] is not None:
+        lines += [f"**Eval perplexity {math.exp(h['initial_eval_loss']):.1f} → {math.exp(h['eval_loss']):.1f}** "
+                  f"(loss {h['initial_eval_loss']:.4f} → {h['eval_loss']:.4f}, "
+                  f"{math.exp(h['initial_eval_loss'] - h['eval_loss']):.1f}x lower)", ""]
+    lines += ["## Metrics", "", metrics_table(run), "", "## Batch", "", batch_math(run), "",
+              "## Config", "", config_table(run), ""]
+    plots = write_plots(run)
+    if plots:
+        lines += ["## Curves", ""] + [f"![{title}]({path})\n" for title, path in plots]
+    if run.results and run.results.get("sample"):
+        lines += ["## Sample", "", f"Generated from `{run.config.get('sample_prompt', '')}` at the end:" if run.config
+                  else "Generated at the end:", "", "> " + run.results["sample"].replace("\n", "\n> "), ""]
+    path = os.path.join(output_dir, "report.md")
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines).rstrip() + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Write OUTPUT_DIR/report.md and plots for a finished or running run.")
+    parser.add_argument("output_dir")
+    args = parser.parse_args(argv)
+    try:
+        path = write_report(args.output_dir)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
