@@ -133,7 +133,8 @@ def main(argv=None):
     def checkpoint():
         return save_checkpoint(accelerator, args.output_dir, dict(
             step=step, epoch=step // steps_per_epoch, samples_seen=step * samples_per_step,
-            samples_per_step=samples_per_step, initial_eval_loss=initial_eval_loss, config=vars(args)),
+            samples_per_step=samples_per_step, initial_eval_loss=initial_eval_loss, config=vars(args),
+            num_processes=accelerator.num_processes, distributed_type=accelerator.distributed_type.value),
             args.checkpoints_total_limit)
 
     # ---- Training loop ----

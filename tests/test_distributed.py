@@ -113,3 +113,15 @@ def test_zero3_with_zero_init_trains_and_saves_real_weights(tmp_path, corpus):
     assert res["eval_loss"] < res["initial_eval_loss"]
     assert res["parameters"] > 100_000  # counted from DeepSpeed's ds_numel, not the empty partitions
     assert saved_model_eval_loss(out, corpus) == pytest.approx(res["eval_loss"], abs=1e-5)
+
+
+def test_resume_on_a_different_process_count_continues_the_data(tmp_path, corpus, baseline):
+    """A 2-process DDP checkpoint resumed by 1 process with the same global batch: same sequences,
+    same steps, so the losses go on as in the 1-process baseline."""
+    out = tmp_path / "ddp_then_one"
+    args = ["--train_file", corpus, "--output_dir", out, *TINY, *STEPS, "--global_batch_size", 8]
+    launch(args, num_processes=2, config_file="multi_cpu.yaml")
+    result = launch([*args, "--resume_from_checkpoint", out / "checkpoints" / "step_4"])
+    assert "was saved by 2 processes, this run has 1" in result.stdout + result.stderr
+    assert results(out)["num_processes"] == 1
+    assert_same_losses(train_losses(out), baseline)

@@ -64,6 +64,13 @@ def load_checkpoint(accelerator, checkpoint, state, samples_per_step):
         raise UserError(f"{checkpoint} was trained with {state['samples_per_step']} sequences per optimizer step, this "
                         f"run has {samples_per_step}, which would repeat or skip data: pass --global_batch_size "
                         f"{state['samples_per_step']}")
+    saved_by, running = state.get("num_processes", accelerator.num_processes), accelerator.num_processes
+    if saved_by != running:
+        if "DEEPSPEED" in (state.get("distributed_type"), accelerator.distributed_type.value):
+            raise UserError(f"{checkpoint} holds DeepSpeed state sharded over {saved_by} processes, this run has "
+                            f"{running}: resume with {saved_by} processes")
+        accelerator.print(f"notice: {checkpoint} was saved by {saved_by} processes, this run has {running}; the data "
+                          f"position ({state['step'] * state['samples_per_step']} sequences) carries over exactly")
     try:
         accelerator.load_state(checkpoint)
     except Exception as e:  # torch, safetensors and DeepSpeed each raise their own types for a damaged file
