@@ -165,7 +165,8 @@ def main(argv=None):
             nonfinite.record(finite, step)
 
             if step % args.logging_steps == 0 or step == max_steps:
-                mean_loss = (accelerator.reduce(loss_sum, "mean") / (window_steps * accelerator.gradient_accumulation_steps)).item()
+                micro_batches = window_steps * accelerator.gradient_accumulation_steps  # equal sizes: mean of means
+                mean_loss = (accelerator.reduce(loss_sum, "mean") / micro_batches).item()
                 elapsed, data_wait_pct = timer.close_window()
                 tokens_per_second = window_steps * tokens_per_step / elapsed
                 metrics.log(step, loss=mean_loss, lr=lr_scheduler.get_last_lr()[0],
@@ -246,3 +247,9 @@ if __name__ == "__main__":
             raise
         print(f"error: {error}", file=sys.stderr)
         sys.exit(EXIT_DIVERGED if isinstance(error, TrainingDiverged) else 2)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        # Every file is written and the process group is gone. Skip the interpreter's teardown, where
+        # DeepSpeed/gloo background threads sometimes abort a finished run ("terminate called ...").
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
