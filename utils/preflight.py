@@ -23,7 +23,6 @@ class Plan:
     micro_batch: int
     block_size: int
     gradient_accumulation_steps: int
-    global_batch_size: int | None
     zero_stage: int | None = None
     sharded_parameters: bool = False
     kwargs_handlers: list = field(default_factory=list)
@@ -97,7 +96,7 @@ def preflight(args, env=os.environ):
     env["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] = str(accumulation)  # accelerate lets this override its argument
 
     plan = Plan(world_size=world_size, micro_batch=micro, block_size=args.block_size,
-                gradient_accumulation_steps=accumulation, global_batch_size=args.global_batch_size)
+                gradient_accumulation_steps=accumulation)
     if deepspeed:
         _check_deepspeed(args, ds_config, ds_file, mixed, micro * accumulation * world_size)
         plan.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 0)))
