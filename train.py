@@ -184,11 +184,9 @@ def main(argv=None):
                     eval_loss = evaluate(model, eval_dataloader, accelerator)
                     metrics.log(step, eval_loss=eval_loss, perplexity=math.exp(eval_loss))
                     progress.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {math.exp(eval_loss):.1f}")
-                saved = args.checkpointing_steps and step % args.checkpointing_steps == 0
-                if saved:
-                    checkpoint()
+                saved = checkpoint() if args.checkpointing_steps and step % args.checkpointing_steps == 0 else None
             if stop.agreed(accelerator):  # preemption / Ctrl-C: keep this step, then exit
-                path = os.path.join(args.output_dir, "checkpoints", f"step_{step}") if saved else checkpoint()
+                path = saved or checkpoint()
                 accelerator.print(f"{stop.received or 'stop signal'} received: saved {path} after step {step}; "
                                   "run the same command with --resume_from_checkpoint latest to continue")
                 accelerator.end_training()

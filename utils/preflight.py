@@ -118,9 +118,9 @@ def preflight(args, env=os.environ):
         if env.get("OMP_NUM_THREADS") == "1":
             # `accelerate launch` without --cpu pins every process to one thread: share the cores instead
             torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(env.get("LOCAL_WORLD_SIZE", 1))))
-    if mixed == "fp16" and not torch.cuda.is_available():
-        raise UserError("mixed_precision fp16 needs a GPU (on CPU accelerate silently runs fp32): "
-                        "use 'no' or bf16 in the accelerate config")
+        if mixed == "fp16":
+            raise UserError("mixed_precision fp16 needs a GPU (on CPU accelerate silently runs fp32): "
+                            "use 'no' or bf16 in the accelerate config")
     return plan
 
 
