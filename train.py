@@ -29,6 +29,7 @@ from utils.model import build_model, load_base_config, model_config, parameter_c
 from utils.optim import build_optimizer, build_scheduler
 from utils.preflight import preflight
 from utils.report import write_report
+from utils.stream import stream_blocks
 
 
 @torch.no_grad()
@@ -80,10 +81,13 @@ def main(argv=None):
     text_column = resolve_text_column(raw["train"], args.text_column)
     tokenizer = load_tokenizer(args, raw["train"], text_column, accelerator)
     config = model_config(args, base_config, tokenizer)
-    blocks = tokenize_and_pack(raw, text_column, tokenizer, args, accelerator)
+    if args.streaming:  # tokenized and packed on the fly while training; only validation blocks are made now
+        blocks = stream_blocks(raw, text_column, tokenizer, args)
+    else:
+        blocks = tokenize_and_pack(raw, text_column, tokenizer, args, accelerator)
     samples_per_step = plan.samples_per_step(accelerator)
-    train_dataloader, eval_dataloader, train_sampler = build_dataloaders(blocks, args, samples_per_step)
-    steps_per_epoch = train_sampler.usable // samples_per_step
+    train_dataloader, eval_dataloader, train_order = build_dataloaders(blocks, args, samples_per_step)
+    steps_per_epoch = None if args.streaming else len(train_order) // samples_per_step
     max_steps = args.max_train_steps or steps_per_epoch * args.num_train_epochs
     tokens_per_step = samples_per_step * args.block_size
 
@@ -100,17 +104,23 @@ def main(argv=None):
         model, optimizer, train_dataloader, eval_dataloader)
     lr_scheduler = build_scheduler(optimizer, args, max_steps)
     accelerator.register_for_checkpointing(lr_scheduler)
-    accelerator.print(f"model: {n_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs/token | "
-                      f"data: {len(blocks['train'])} train / {len(blocks['validation'])} validation blocks of "
-                      f"{args.block_size} | {steps_per_epoch} steps/epoch, {max_steps} steps")
+    train_size = f"{len(blocks['train'])} train blocks ({steps_per_epoch} steps/epoch)" if steps_per_epoch else "streamed"
+    accelerator.print(f"model: {n_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs/token | data: "
+                      f"{train_size}, {len(blocks['validation'])} validation blocks of {args.block_size} | {max_steps} steps")
     if args.eval_only:  # measure an existing model through the same data pipeline, then stop
         return evaluate_only(model, eval_dataloader, accelerator, args, len(blocks["validation"]))
 
     # ---- Resume or start ----
-    step, initial_eval_loss = 0, None
+    step, initial_eval_loss, epoch, samples_in_epoch = 0, None, 0, 0
     if resume_from:
         load_checkpoint(accelerator, resume_from, resume_state, samples_per_step)
-        step, initial_eval_loss = resume_state["step"], resume_state["initial_eval_loss"]
+        step, initial_eval_loss, epoch = resume_state["step"], resume_state["initial_eval_loss"], resume_state["epoch"]
+        position = resume_state["data_position"]
+        if position["epoch_complete"]:  # saved after an epoch's last step
+            epoch += 1
+        else:
+            samples_in_epoch = position["samples_into_epoch"]
+            train_order.start_at(position)  # exact, and nothing before it is read again
         accelerator.print(f"resumed from {resume_from} at step {step}")
     elif args.resume_from_checkpoint:
         accelerator.print(f"no checkpoint in {args.output_dir}/checkpoints yet: starting fresh")
@@ -120,8 +130,6 @@ def main(argv=None):
         initial_eval_loss = evaluate(model, eval_dataloader, accelerator)
         metrics.log(0, eval_loss=initial_eval_loss, perplexity=math.exp(initial_eval_loss))
         accelerator.print(f"step 0: eval loss {initial_eval_loss:.4f}, perplexity {math.exp(initial_eval_loss):.1f}")
-    epoch = step // steps_per_epoch
-    train_sampler.start_at(step % steps_per_epoch * samples_per_step)
 
     peak_flops = device_peak_flops(accelerator.device, args.peak_flops)
     progress = tqdm(total=max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="training",
@@ -132,7 +140,9 @@ def main(argv=None):
 
     def checkpoint():
         return save_checkpoint(accelerator, args.output_dir, dict(
-            step=step, epoch=step // steps_per_epoch, samples_seen=step * samples_per_step,
+            step=step, epoch=epoch, samples_seen=step * samples_per_step,
+            # only the main process reads a stream (accelerate dispatches its batches), so only it knows where
+            data_position=train_order.position(samples_in_epoch) if accelerator.is_main_process else None,
             samples_per_step=samples_per_step, initial_eval_loss=initial_eval_loss, config=vars(args),
             num_processes=accelerator.num_processes, distributed_type=accelerator.distributed_type.value),
             args.checkpoints_total_limit)
@@ -159,6 +169,7 @@ def main(argv=None):
                 continue
             lr_scheduler.step()
             step += 1
+            samples_in_epoch += samples_per_step
             window_steps += 1
             run_steps += 1
             progress.update(1)
@@ -193,7 +204,7 @@ def main(argv=None):
                 sys.exit(EXIT_PREEMPTED)
             if step >= max_steps:
                 break
-        epoch += 1
+        epoch, samples_in_epoch = epoch + 1, 0
     progress.close()
 
     # ---- Save a Hugging Face model, report, and show a sample ----

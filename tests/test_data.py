@@ -78,7 +78,8 @@ def test_sampler_resumes_mid_epoch_without_reading_skipped_samples():
     sampler = ResumableSampler(num_samples=50, samples_per_step=5, seed=3)
     sampler.set_epoch(2)
     full = list(sampler)
-    sampler.start_at(15)
+    sampler.start_at(sampler.position(15))
     assert len(sampler) == 35
     assert list(sampler) == full[15:]
     assert list(sampler) == full  # the skip applies to one epoch only
+    assert sampler.position(50)["epoch_complete"] and not sampler.position(45)["epoch_complete"]

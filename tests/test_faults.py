@@ -176,13 +176,18 @@ def bad_input_cases(tmp_path, corpus):
                               "is not a complete checkpoint"),
         "resume at corrupt": (["--train_file", corpus, "--resume_from_checkpoint", corrupt], {}, "is corrupt"),
         "output not writable": (["--train_file", corpus, "--output_dir", tiny_text / "sub"], {}, "is not writable"),
+        "streaming without steps": (["--train_file", corpus, "--streaming"], {}, "--streaming needs --max_train_steps"),
+        "streaming empty dataset": (["--train_file", write(tmp_path / "empty.jsonl", ""), "--streaming",
+                                     "--max_train_steps", 2], {}, "is empty"),
+        "streaming split too short": (["--train_file", tiny_text, "--streaming", "--max_train_steps", 2,
+                                       "--block_size", 512], {}, "fewer than one block"),
     }
 
 
 CASES = ["missing file", "unreadable file", "empty dataset", "no text column", "malformed json line",
          "split too short", "unknown preset", "unknown flag", "unknown recipe key", "model offline",
          "tokenizer offline", "ds_config does not parse", "resume at nothing", "resume at corrupt",
-         "output not writable"]
+         "output not writable", "streaming without steps", "streaming empty dataset", "streaming split too short"]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -49,7 +49,7 @@ def read_state(checkpoint):
     try:
         with open(os.path.join(checkpoint, STATE_FILE)) as f:
             state = json.load(f)
-        missing = {"step", "samples_per_step", "initial_eval_loss"} - set(state)
+        missing = {"step", "epoch", "data_position", "samples_per_step", "initial_eval_loss"} - set(state)
         if missing:
             raise KeyError(", ".join(sorted(missing)))
         return state

@@ -33,6 +33,14 @@ def build_parser():
     add("--block_size", type=int, default=128, help="tokens per training sequence")
     add("--preprocessing_num_workers", type=int, default=None)
     add("--dataloader_num_workers", type=int, default=0)
+    add("--streaming", action="store_true",
+        help="read, tokenize and pack the data on the fly (corpora too large to tokenize up front); "
+             "needs --max_train_steps")
+    add("--stream_shuffle_blocks", type=int, default=1024,
+        help="with --streaming: shuffle blocks within windows of this many (rounded up to whole optimizer steps); "
+             "a resume re-reads one window; 1 keeps the stream's order")
+    add("--max_eval_samples", type=int, default=None,
+        help="evaluate on the first N validation blocks (default: all; with --streaming, 512)")
     add("--vocab_size", type=int, default=4096, help="size of a tokenizer trained here when none is given")
     # Model
     add("--model_name_or_path", help="pretrained model (Hub name or local directory) to continue training")
@@ -127,7 +135,8 @@ def validate(args):
                  "gradient_accumulation_steps", "logging_steps", "num_train_epochs"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
-    for flag in ("max_train_steps", "eval_steps", "checkpointing_steps", "checkpoints_total_limit", "global_batch_size"):
+    for flag in ("max_train_steps", "max_eval_samples", "stream_shuffle_blocks", "eval_steps", "checkpointing_steps",
+                 "checkpoints_total_limit", "global_batch_size"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag} must be at least 1 (got {value})")
@@ -135,6 +144,11 @@ def validate(args):
         raise UserError("--max_nonfinite_steps must be 0 (off) or more")
     if not 0 < args.validation_split_percentage < 100:
         raise UserError("--validation_split_percentage must be between 1 and 99")
+    if args.streaming and not (args.max_train_steps or args.eval_only):
+        raise UserError("--streaming needs --max_train_steps: a stream's length is unknown until it has been read")
+    if args.streaming and args.dataloader_num_workers:
+        raise UserError("--streaming reads in the main process, whose position a checkpoint records (the tokenizer "
+                        "uses every core itself): drop --dataloader_num_workers")
     if args.dataset_name and args.train_file:
         raise UserError("give either --dataset_name or --train_file, not both")
     if args.model_name_or_path and args.config_name:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import DatasetDict, Features, Sequence, Value, load_dataset
+from datasets import DatasetDict, Features, IterableDataset, IterableDatasetDict, Sequence, Value, load_dataset
 from huggingface_hub.constants import HF_HOME
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -24,6 +24,7 @@ from utils.config import UserError, local_data_builder
 
 CACHE_ROOT = Path(HF_HOME) / "clm-train"
 EOS_TOKEN = "<|endoftext|>"
+TOKENIZER_STREAM_DOCUMENTS = 10_000  # a tokenizer trained for --streaming learns from the first documents
 
 
 # --- The embedded default corpus: English text that ships with every Python install ---------
@@ -58,17 +59,26 @@ def embedded_corpus_file():
 def load_raw_datasets(args):
     """A DatasetDict with 'train' and 'validation', from the Hub, local files or the embedded corpus.
 
-    Without a validation split, the first --validation_split_percentage of train is held out."""
+    Without a validation split, the first --validation_split_percentage of train is held out.
+    With --streaming: IterableDatasets, and the validation split is held out by utils/stream.py."""
+    streaming = getattr(args, "streaming", False)
     if args.dataset_name:
         try:
-            raw = load_dataset(args.dataset_name, args.dataset_config_name)
+            raw = load_dataset(args.dataset_name, args.dataset_config_name, streaming=streaming)
         except Exception as e:  # datasets raises many types for "not found / offline"
             raise UserError(f"cannot load dataset {args.dataset_name!r} ({type(e).__name__}): check the name, "
                             "or pass local files with --train_file when offline") from e
     else:
         train_file = args.train_file or embedded_corpus_file()
         files = {"train": train_file, **({"validation": args.validation_file} if args.validation_file else {})}
-        raw = DatasetDict({split: _load_local(path) for split, path in files.items()})
+        raw = {split: _load_local(path, streaming) for split, path in files.items()}
+        raw = IterableDatasetDict(raw) if streaming else DatasetDict(raw)
+    if "train" not in raw:
+        raise UserError(f"dataset {args.dataset_name!r} has no 'train' split (splits: {sorted(raw)})")
+    if streaming:
+        if next(iter(raw["train"]), None) is None:
+            raise UserError("the train data is empty: check the file or dataset")
+        return raw
     if "validation" not in raw:
         train = raw["train"]
         held_out = max(1, round(len(train) * args.validation_split_percentage / 100))  # at least one document
@@ -82,11 +92,13 @@ def load_raw_datasets(args):
     return raw
 
 
-def _load_local(path):
+def _load_local(path, streaming=False):
+    if os.path.getsize(path) == 0:
+        raise UserError(f"{path} is empty: give a file with text in it")
     builder = local_data_builder(path)
     kwargs = {"sample_by": "paragraph", "keep_linebreaks": True} if builder == "text" else {}
     try:
-        return load_dataset(builder, data_files=path, split="train", **kwargs)
+        return load_dataset(builder, data_files=path, split="train", streaming=streaming, **kwargs)
     except Exception as e:  # pyarrow / datasets raise many types for unreadable files
         problem = _bad_json_line(path) if builder == "json" else None
         raise UserError(f"cannot read {path}: {problem or _first_line(e)}") from e
@@ -112,12 +124,16 @@ def _first_line(error):
 
 
 def resolve_text_column(dataset, requested):
-    if requested in dataset.column_names:
+    features = dataset.features
+    if features is None:  # a stream whose builder infers the columns while reading
+        features = Features({name: Value("string") if isinstance(value, str) else Value("null")
+                             for name, value in next(iter(dataset)).items()})
+    if requested in features:
         return requested
-    string_columns = [n for n, f in dataset.features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
+    string_columns = [n for n, f in features.items() if getattr(f, "dtype", None) in ("string", "large_string")]
     if len(string_columns) == 1:
         return string_columns[0]
-    raise UserError(f"no text column {requested!r} in the data (columns: {dataset.column_names}): "
+    raise UserError(f"no text column {requested!r} in the data (columns: {list(features)}): "
                     "pass --text_column NAME")
 
 
@@ -132,17 +148,30 @@ def load_tokenizer(args, raw_train, text_column, accelerator):
             raise UserError(f"cannot load tokenizer {name!r} ({type(e).__name__}): check the name, or "
                             "download it while online (offline runs need a local directory)") from e
     else:
-        key = hashlib.sha256(f"{raw_train._fingerprint}-{text_column}-{args.vocab_size}".encode()).hexdigest()[:16]
+        if isinstance(raw_train, IterableDataset):  # a stream: learn the vocabulary from its beginning
+            source = _stream_identity(args)
+            texts = (document[text_column] for document in raw_train.take(TOKENIZER_STREAM_DOCUMENTS))
+        else:
+            source, texts = raw_train._fingerprint, raw_train[text_column]
+        key = hashlib.sha256(f"{source}-{text_column}-{args.vocab_size}".encode()).hexdigest()[:16]
         path = CACHE_ROOT / "tokenizers" / key
         with accelerator.main_process_first():
             if not path.exists():
-                _train_bpe_tokenizer(raw_train[text_column], args.vocab_size, path)
+                _train_bpe_tokenizer(texts, args.vocab_size, path)
         tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.eos_token is None:
         raise UserError(f"tokenizer {name!r} has no EOS token, which packing needs between documents")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _stream_identity(args):
+    """Names a streamed corpus for the tokenizer cache: Hub name, or local files with size and mtime."""
+    if args.dataset_name:
+        return f"{args.dataset_name}/{args.dataset_config_name}"
+    path = args.train_file or embedded_corpus_file()
+    return f"{os.path.abspath(path)}:{os.path.getsize(path)}:{os.stat(path).st_mtime_ns}"
 
 
 def _train_bpe_tokenizer(texts, vocab_size, path):
@@ -180,18 +209,27 @@ class PackedBlocks(Dataset):
         return {"input_ids": torch.from_numpy(block.astype(np.int64))}
 
 
-def tokenize_and_pack(raw, text_column, tokenizer, args, accelerator):
-    """Tokenize every split once (cached), join documents with EOS and cut into blocks."""
+def document_encoder(tokenizer):
+    """texts -> token ids of each non-empty text followed by EOS, in one batched tokenizer call."""
     eos = tokenizer.eos_token_id
     backend = getattr(tokenizer, "backend_tokenizer", None)  # Rust: no offsets, no Python-side wrapping
 
-    def tokenize(batch):
-        texts = [t for t in batch[text_column] if t]
+    def encode(texts):
+        texts = [t for t in texts if t]
         if backend is not None:
             ids = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
         else:
             ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
-        return {"input_ids": [x + [eos] for x in ids]}
+        return [x + [eos] for x in ids]
+    return encode
+
+
+def tokenize_and_pack(raw, text_column, tokenizer, args, accelerator):
+    """Tokenize every split once (cached), join documents with EOS and cut into blocks."""
+    encode = document_encoder(tokenizer)
+
+    def tokenize(batch):
+        return {"input_ids": encode(batch[text_column])}
 
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
     blocks = {}
@@ -204,6 +242,8 @@ def tokenize_and_pack(raw, text_column, tokenizer, args, accelerator):
             if not path.exists():
                 _write_token_stream(tokenized, path, dtype)
         tokens = np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
+        if split == "validation" and getattr(args, "max_eval_samples", None):
+            tokens = tokens[:args.max_eval_samples * args.block_size]
         blocks[split] = PackedBlocks(tokens, args.block_size)
         if len(blocks[split]) == 0:
             raise UserError(f"the {split} split has {len(tokens)} tokens, fewer than one block of "
@@ -241,9 +281,12 @@ class ResumableSampler(Sampler):
     def set_epoch(self, epoch):
         self.epoch = epoch
 
-    def start_at(self, samples_into_epoch):
-        """Skip this many samples of the next epoch iterated (exact mid-epoch resume, no data read)."""
-        self.skip = samples_into_epoch
+    def position(self, samples_into_epoch):
+        return {"samples_into_epoch": samples_into_epoch, "epoch_complete": samples_into_epoch == self.usable}
+
+    def start_at(self, position):
+        """Skip the samples before `position` in the next epoch iterated (exact resume, no data read)."""
+        self.skip = position["samples_into_epoch"]
 
     def __iter__(self):
         order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
@@ -255,13 +298,18 @@ class ResumableSampler(Sampler):
 
 
 def build_dataloaders(blocks, args, samples_per_step):
-    train_sampler = ResumableSampler(len(blocks["train"]), samples_per_step, args.seed)
-    if train_sampler.usable == 0:
-        raise UserError(f"the train split has {len(blocks['train'])} blocks, fewer than one optimizer step "
-                        f"({samples_per_step} sequences): give more data or a smaller batch / --block_size")
+    """(train loader, validation loader, the train order: what a checkpoint asks for the data position)."""
     common = {"num_workers": args.dataloader_num_workers, "pin_memory": torch.cuda.is_available()}
-    train = DataLoader(blocks["train"], batch_sampler=BatchSampler(train_sampler, args.per_device_train_batch_size,
-                                                                   drop_last=False), **common)
     evaluation = DataLoader(blocks["validation"], sampler=SequentialSampler(blocks["validation"]),
                             batch_size=args.per_device_eval_batch_size, **common)
-    return train, evaluation, train_sampler
+    if not isinstance(blocks["train"], PackedBlocks):  # a stream (utils/stream.py) orders its own blocks
+        train_order = blocks["train"].cut_to_steps(samples_per_step)
+        train = DataLoader(train_order, batch_size=args.per_device_train_batch_size, pin_memory=common["pin_memory"])
+        return train, evaluation, train_order
+    train_order = ResumableSampler(len(blocks["train"]), samples_per_step, args.seed)
+    if train_order.usable == 0:
+        raise UserError(f"the train split has {len(blocks['train'])} blocks, fewer than one optimizer step "
+                        f"({samples_per_step} sequences): give more data or a smaller batch / --block_size")
+    train = DataLoader(blocks["train"], batch_sampler=BatchSampler(train_order, args.per_device_train_batch_size,
+                                                                   drop_last=False), **common)
+    return train, evaluation, train_order

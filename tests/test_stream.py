@@ -1,0 +1,193 @@
+"""--streaming: packing on the fly, window shuffle, and exact resume that re-reads one window at most."""
+
+import argparse
+import json
+import shutil
+
+import numpy as np
+import pytest
+from accelerate import PartialState
+from conftest import TINY, launch, read_metrics, results, train_losses
+from datasets import Dataset, DatasetDict, load_dataset
+from transformers import AutoModelForCausalLM
+
+from utils.config import UserError
+from utils.data import document_encoder, load_raw_datasets, load_tokenizer, tokenize_and_pack
+from utils.stream import DOCUMENTS_PER_BATCH, StreamedBlocks, hold_out_validation
+
+DOCS = [f"document {i} " + "word " * (i * 7 % 23) + f"end {i}" for i in range(1200)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    args = argparse.Namespace(vocab_size=300, tokenizer_name=None, model_name_or_path=None)
+    return load_tokenizer(args, Dataset.from_dict({"text": DOCS}), "text", PartialState())
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """The documents in three JSON-lines files: a stream of three shards."""
+    folder = tmp_path_factory.mktemp("shards")
+    paths = []
+    for n, part in enumerate(np.array_split(np.arange(len(DOCS)), 3)):
+        paths.append(folder / f"part{n}.jsonl")
+        paths[-1].write_text("".join(json.dumps({"text": DOCS[i]}) + "\n" for i in part))
+    return [str(p) for p in paths]
+
+
+class CountingEncoder:
+    def __init__(self, tokenizer):
+        self.encode, self.documents = document_encoder(tokenizer), 0
+
+    def __call__(self, texts):
+        self.documents += len(texts)
+        return self.encode(texts)
+
+
+def streamed(files, tokenizer, window, samples_per_step=4, block_size=16):
+    source = load_dataset("json", data_files=files, split="train", streaming=True)
+    encoder = CountingEncoder(tokenizer)
+    blocks = StreamedBlocks(source, "text", encoder, block_size, window, seed=7).cut_to_steps(samples_per_step)
+    return blocks, encoder
+
+
+def ids(stream):
+    return [tuple(b["input_ids"].tolist()) for b in stream]
+
+
+def test_stream_order_matches_the_packed_token_file(shards, tokenizer):
+    blocks, _ = streamed(shards[:1], tokenizer, window=1, samples_per_step=1)
+    whole_file = load_dataset("json", data_files=shards[0], split="train")
+    raw = DatasetDict(train=whole_file, validation=whole_file)
+    args = argparse.Namespace(block_size=16, preprocessing_num_workers=None)
+    packed = tokenize_and_pack(raw, "text", tokenizer, args, PartialState())["validation"]
+    assert ids(blocks) == ids(packed[i] for i in range(len(packed)))
+    assert blocks.epoch_length == len(packed)
+
+
+def test_epochs_are_whole_steps_shuffled_by_window_and_epoch(shards, tokenizer):
+    in_order, _ = streamed(shards, tokenizer, window=1, samples_per_step=1)
+    shuffled, _ = streamed(shards, tokenizer, window=10, samples_per_step=4)  # window rounds up to 12
+    assert shuffled.window == 12
+    first = ids(shuffled)
+    assert len(first) % 4 == 0 and len(first) > 100
+    assert set(first) <= set(ids(in_order)) and first != ids(in_order)[:len(first)]
+    assert ids(shuffled) == first  # the same epoch gives the same order
+    shuffled.set_epoch(1)
+    second = ids(shuffled)
+    assert second != first and len(second) == len(first)
+
+
+@pytest.mark.parametrize("window", [1, 12])
+def test_resume_anywhere_continues_exactly_and_reads_one_window_at_most(shards, tokenizer, window):
+    blocks, encoder = streamed(shards, tokenizer, window=window)
+    blocks.set_epoch(1)
+    full, positions = [], {}
+    for n, block in enumerate(blocks, 1):
+        full.append(tuple(block["input_ids"].tolist()))
+        if n % 4 == 0:  # checkpoint after a step while the loader has read one step ahead
+            positions[n - 4] = json.loads(json.dumps(blocks.position(n - 4)))
+    positions[len(full)] = blocks.position(len(full))
+    assert positions[len(full)]["epoch_complete"] and not positions[len(full) - 4]["epoch_complete"]
+    for consumed in (0, 4, 48, 52, len(full) - 4):
+        resumed, encoder = streamed(shards, tokenizer, window=window)
+        resumed.set_epoch(1)
+        resumed.start_at(positions[consumed])
+        assert ids(resumed) == full[consumed:]
+    # resuming at the last step tokenizes its window's documents again, not the epoch's
+    assert encoder.documents <= 2 * DOCUMENTS_PER_BATCH < len(DOCS)
+
+
+def test_a_stream_shorter_than_one_step_is_an_error(shards, tokenizer):
+    blocks, _ = streamed(shards[:1], tokenizer, window=1, samples_per_step=10_000)
+    with pytest.raises(UserError, match="fewer than one optimizer step"):
+        ids(blocks)
+
+
+def test_validation_is_held_out_from_the_start_of_the_stream(shards, tokenizer):
+    args = argparse.Namespace(dataset_name=None, train_file=shards[0], validation_file=None, streaming=True,
+                              max_eval_samples=5, block_size=16)
+    raw = load_raw_datasets(args)
+    validation, train = hold_out_validation(raw, "text", document_encoder(tokenizer), args)
+    assert len(validation) == 5
+    texts = [d["text"] for d in train]
+    held_out = len(DOCS) // 3 - len(texts)  # just the documents that fill the validation blocks
+    validation_tokens = document_encoder(tokenizer)(DOCS[:held_out])
+    assert sum(map(len, validation_tokens[:-1])) < 5 * 16 <= sum(map(len, validation_tokens))
+    assert texts[0] == DOCS[held_out]
+
+
+# --- End to end: `accelerate launch train.py --streaming` ---------------------------------------
+
+@pytest.fixture(scope="module")
+def short_corpus(tmp_path_factory, corpus):
+    """Twelve 1,000-character documents: a stream that ends after a few optimizer steps."""
+    path = tmp_path_factory.mktemp("short") / "short.jsonl"
+    texts = [json.loads(line)["text"][:1000] for line in corpus.read_text().splitlines()[:12]]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+def stream_args(train_file, out):
+    return ["--train_file", train_file, "--output_dir", out, *TINY, "--streaming", "--max_train_steps", 30,
+            "--max_eval_samples", 8, "--stream_shuffle_blocks", 12, "--per_device_train_batch_size", 8,
+            "--num_warmup_steps", 2, "--eval_steps", 30, "--checkpointing_steps", 1]
+
+
+@pytest.fixture(scope="module")
+def streamed_run(tmp_path_factory, short_corpus):
+    """30 steps over about three passes of a short stream, with a checkpoint after every step."""
+    out = tmp_path_factory.mktemp("stream") / "out"
+    launch(stream_args(short_corpus, out))
+    return out
+
+
+def epochs_by_step(output_dir):
+    return {r["step"]: r["epoch"] for r in read_metrics(output_dir) if "loss" in r}
+
+
+def trainer_state(output_dir, step):
+    return json.loads((output_dir / "checkpoints" / f"step_{step}" / "trainer_state.json").read_text())
+
+
+def test_streaming_trains_over_several_epochs_and_saves_a_loadable_model(streamed_run):
+    res = results(streamed_run)
+    assert res["steps"] == 30 and res["eval_loss"] < res["initial_eval_loss"] - 0.5
+    epochs = epochs_by_step(streamed_run)
+    assert set(epochs.values()) >= {0, 1, 2}
+    steps_per_epoch = max(s for s, e in epochs.items() if e == 0)
+    assert epochs[steps_per_epoch + 1] == 1 and max(s for s, e in epochs.items() if e == 1) == 2 * steps_per_epoch
+    model = AutoModelForCausalLM.from_pretrained(streamed_run)
+    assert model.num_parameters() == res["parameters"]
+
+
+def test_streaming_resume_continues_exactly_mid_epoch_and_at_an_epoch_end(streamed_run, short_corpus, tmp_path):
+    epochs = epochs_by_step(streamed_run)
+    epoch_end = max(s for s, e in epochs.items() if e == 0)
+    assert trainer_state(streamed_run, epoch_end)["data_position"]["epoch_complete"]
+    mid_epoch = epoch_end + 3
+    assert not trainer_state(streamed_run, mid_epoch)["data_position"]["epoch_complete"]
+    original = train_losses(streamed_run)
+    for step in (epoch_end, mid_epoch):
+        resumed = tmp_path / f"from_{step}"
+        shutil.copytree(streamed_run, resumed)
+        launch([*stream_args(short_corpus, resumed), "--resume_from_checkpoint", resumed / "checkpoints" / f"step_{step}"])
+        again = train_losses(resumed)
+        assert [again[s] for s in range(step + 1, 31)] == [original[s] for s in range(step + 1, 31)]  # bit for bit
+        assert epochs_by_step(resumed) == epochs
+        assert results(resumed)["eval_loss"] == results(streamed_run)["eval_loss"]
+
+
+@pytest.mark.distributed
+def test_streaming_with_two_processes_matches_one_and_resumes(streamed_run, short_corpus, tmp_path):
+    """Only the main process reads the stream; accelerate hands each process its slice of the batch."""
+    out = tmp_path / "ddp"
+    args = [*stream_args(short_corpus, out), "--per_device_train_batch_size", 4, "--global_batch_size", 8]
+    launch(args, num_processes=2, config_file="multi_cpu.yaml")
+    assert (results(out)["num_processes"], results(out)["distributed_type"]) == (2, "MULTI_CPU")
+    original, losses = train_losses(streamed_run), train_losses(out)
+    assert max(abs(losses[s] - original[s]) for s in original) < 1e-4
+    launch([*args, "--resume_from_checkpoint", out / "checkpoints" / "step_17"], num_processes=2,
+           config_file="multi_cpu.yaml")
+    again = train_losses(out)
+    assert max(abs(again[s] - losses[s]) for s in range(18, 31)) < 1e-6

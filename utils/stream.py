@@ -1,0 +1,152 @@
+"""--streaming: read, tokenize and pack a corpus on the fly, for data too large to tokenize up front.
+
+Only the main process reads the stream; accelerate dispatches each batch to the others. Blocks
+are shuffled within windows of whole optimizer steps (and `datasets` reshuffles the shard order
+every epoch). A checkpoint stores where the current window starts in the stream (the stream's
+own `state_dict` plus a token offset), so a resume re-reads one window, not the epoch so far.
+"""
+
+import logging
+import math
+from itertools import islice
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset
+
+from utils.config import UserError
+from utils.data import PackedBlocks, document_encoder
+
+DOCUMENTS_PER_BATCH = 256  # one call of the Rust tokenizer, which spreads a batch over its threads
+DEFAULT_EVAL_BLOCKS = 512  # a stream has no end to evaluate up to; --max_eval_samples overrides
+_KEPT_ANCHORS = 8  # windows a checkpoint may lag behind the reader (prefetching)
+
+# A shuffle buffer of one example holds nothing to lose on resume; say so once, not on every resume.
+logging.getLogger("datasets.iterable_dataset").addFilter(lambda record: "shuffle buffer" not in record.getMessage())
+
+
+def stream_blocks(raw, text_column, tokenizer, args):
+    """{'train': StreamedBlocks, 'validation': PackedBlocks}: only the validation blocks are made up front."""
+    encode = document_encoder(tokenizer)
+    validation, train = hold_out_validation(raw, text_column, encode, args)
+    return {"train": StreamedBlocks(train, text_column, encode, args.block_size, args.stream_shuffle_blocks, args.seed),
+            "validation": validation}
+
+
+def hold_out_validation(raw, text_column, encode, args):
+    """(validation blocks in memory, the training stream).
+
+    The validation split's first --max_eval_samples blocks; without a validation split, the first
+    training documents that fill them are held out and skipped by training (which keeps the
+    stream's shard order fixed: `datasets` cannot skip within reshuffled shards)."""
+    wanted = (args.max_eval_samples or DEFAULT_EVAL_BLOCKS) * args.block_size
+    source = raw["validation"] if "validation" in raw else raw["train"]
+    pieces, have, documents = [], 0, 0
+    for batch in source.iter(batch_size=DOCUMENTS_PER_BATCH):
+        texts = batch[text_column]
+        encoded = iter(encode(texts))  # empty texts have no entry
+        for text in texts:
+            documents += 1
+            if text:
+                pieces.append(next(encoded))
+                have += len(pieces[-1])
+            if have >= wanted:
+                break
+        if have >= wanted:
+            break
+    tokens = np.fromiter((t for ids in pieces for t in ids), dtype=np.int32, count=have)[:wanted]
+    if len(tokens) < args.block_size:
+        raise UserError(f"the validation data has {len(tokens)} tokens, fewer than one block of {args.block_size}: "
+                        "give more data or a smaller --block_size")
+    train = raw["train"].skip(documents) if "validation" not in raw else raw["train"]
+    return PackedBlocks(tokens, args.block_size), train
+
+
+class StreamedBlocks(IterableDataset):
+    """Blocks of `block_size` tokens packed on the fly from a `datasets` IterableDataset.
+
+    Documents are joined with EOS as in the on-disk pipeline; the stream is cut into windows of
+    whole optimizer steps and each window is shuffled by (seed, epoch, window). An epoch ends at
+    the last whole optimizer step of the stream.
+    """
+
+    def __init__(self, source, text_column, encode, block_size, window_blocks, seed):
+        self.source, self.text_column, self.encode = source, text_column, encode
+        self.block_size, self.window_blocks, self.seed = block_size, window_blocks, seed
+        self.epoch, self.start, self.anchors, self.epoch_length = 0, None, {}, None
+        self.cut_to_steps(1)
+
+    def cut_to_steps(self, samples_per_step):
+        """Make windows and epochs whole optimizer steps of `samples_per_step` blocks."""
+        self.samples_per_step = samples_per_step
+        self.window = math.ceil(max(self.window_blocks, 1) / samples_per_step) * samples_per_step
+        return self
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def position(self, samples_into_epoch):
+        """Where the block after `samples_into_epoch` consumed blocks lies in the stream (JSON-able)."""
+        window = samples_into_epoch // self.window
+        if window not in self.anchors:
+            raise RuntimeError(f"stream position of window {window} is not known (have {sorted(self.anchors)})")
+        state, offset = self.anchors[window]
+        return {"samples_into_epoch": samples_into_epoch, "epoch_complete": samples_into_epoch == self.epoch_length,
+                "stream_state": state, "token_offset": offset}
+
+    def start_at(self, position):
+        """Begin the next epoch iterated at `position` (from `position()`), reading one window at most."""
+        self.start = position
+
+    def __iter__(self):
+        start, self.start = self.start, None
+        window, skip = divmod(start["samples_into_epoch"], self.window) if start else (0, 0)
+        self.anchors = {window: (start["stream_state"], start["token_offset"]) if start else (None, 0)}
+        self.epoch_length = None  # known once the stream is exhausted (accelerate reads one batch ahead)
+        end = window * self.window
+        for window, (blocks, next_anchor) in enumerate(self._windows(self.anchors[window]), window):
+            self.anchors[window + 1] = next_anchor
+            self.anchors.pop(window - _KEPT_ANCHORS, None)
+            whole_steps = len(blocks) // self.samples_per_step * self.samples_per_step  # only the last window has less
+            order = np.random.default_rng([self.seed, self.epoch, window]).permutation(len(blocks))[:whole_steps]
+            end = window * self.window + whole_steps
+            for i in order[skip:]:
+                yield {"input_ids": torch.from_numpy(blocks[i].astype(np.int64))}
+            skip = 0
+        self.epoch_length = end
+        if start is None and end == 0:
+            raise UserError(f"the training stream holds fewer than one optimizer step ({self.samples_per_step} blocks "
+                            f"of {self.block_size} tokens): give more data or a smaller batch / --block_size")
+
+    def _windows(self, anchor):
+        """(window of blocks, anchor of the next window) from `anchor` to the end of the stream;
+        the last window holds the whole blocks that remain."""
+        wanted = self.window * self.block_size
+        pieces, have = [], 0
+        next_anchor, offset = anchor, anchor[1]
+        for before, tokens in self._token_batches(anchor[0]):
+            used, offset = offset, 0  # a resume skips the anchor's offset into its first batch only
+            while used < len(tokens):
+                take = min(wanted - have, len(tokens) - used)
+                pieces.append(tokens[used:used + take])
+                have, used = have + take, used + take
+                if have == wanted:
+                    yield np.concatenate(pieces).reshape(self.window, self.block_size), (before, used)
+                    pieces, have = [], 0
+            next_anchor = (before, used)
+        whole = have // self.block_size * self.block_size
+        if whole:
+            yield np.concatenate(pieces)[:whole].reshape(-1, self.block_size), next_anchor
+
+    def _token_batches(self, state):
+        """(stream state before the batch, its tokens with EOS after each document), from `state` on."""
+        stream = self.source.shuffle(seed=self.seed, buffer_size=1)  # shard order by seed + epoch, nothing buffered
+        stream.set_epoch(self.epoch)
+        if state is not None:
+            stream.load_state_dict(state)
+        documents = iter(stream)
+        before = state
+        while batch := list(islice(documents, DOCUMENTS_PER_BATCH)):
+            ids = self.encode([document[self.text_column] for document in batch])
+            yield before, np.fromiter((t for doc in ids for t in doc), dtype=np.int32, count=sum(map(len, ids)))
+            before = stream.state_dict()
