@@ -41,15 +41,14 @@ def build_corpus(path, megabytes):
     return path.stat().st_size
 
 
-def tokenizer_for(corpus):
+def default_tokenizer():
+    """The default job's tokenizer (trained on the embedded corpus once, then cached)."""
     from accelerate import PartialState
-    from datasets import load_dataset
     from utils.config import parse_args
     from utils.data import load_raw_datasets, load_tokenizer
 
     args = parse_args([])
-    embedded = load_raw_datasets(args)["train"]  # the default job's tokenizer, trained once and cached
-    return load_tokenizer(args, embedded, "text", PartialState()), load_dataset("json", data_files=corpus, split="train")
+    return load_tokenizer(args, load_raw_datasets(args)["train"], "text", PartialState())
 
 
 def ours(raw, tokenizer, block):
@@ -91,7 +90,9 @@ def run_worker(name, corpus, cache, block):
 def main():
     args = parse()
     if args.worker:
-        tokenizer, raw = tokenizer_for(args.corpus)
+        from datasets import load_dataset
+
+        tokenizer, raw = default_tokenizer(), load_dataset("json", data_files=args.corpus, split="train")
         rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         start = time.perf_counter()
         tokens = (ours if args.worker == "ours" else classic)(raw, tokenizer, args.block)  # tokens in blocks

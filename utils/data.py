@@ -220,7 +220,9 @@ def document_encoder(tokenizer):
             ids = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
         else:
             ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
-        return [x + [eos] for x in ids]
+        for x in ids:
+            x.append(eos)  # in place: no second copy of every token list
+        return ids
     return encode
 
 

@@ -8,7 +8,9 @@ own `state_dict` plus a token offset), so a resume re-reads one window, not the 
 
 import logging
 import math
-from itertools import islice
+import queue
+import threading
+from itertools import chain, islice
 
 import numpy as np
 import torch
@@ -54,7 +56,7 @@ def hold_out_validation(raw, text_column, encode, args):
                 break
         if have >= wanted:
             break
-    tokens = np.fromiter((t for ids in pieces for t in ids), dtype=np.int32, count=have)[:wanted]
+    tokens = np.fromiter(chain.from_iterable(pieces), dtype=np.int32, count=have)[:wanted]
     if len(tokens) < args.block_size:
         raise UserError(f"the validation data has {len(tokens)} tokens, fewer than one block of {args.block_size}: "
                         "give more data or a smaller --block_size")
@@ -104,7 +106,7 @@ class StreamedBlocks(IterableDataset):
         self.anchors = {window: (start["stream_state"], start["token_offset"]) if start else (None, 0)}
         self.epoch_length = None  # known once the stream is exhausted (accelerate reads one batch ahead)
         end = window * self.window
-        for window, (blocks, next_anchor) in enumerate(self._windows(self.anchors[window]), window):
+        for window, (blocks, next_anchor) in enumerate(_read_ahead(self._windows(self.anchors[window])), window):
             self.anchors[window + 1] = next_anchor
             self.anchors.pop(window - _KEPT_ANCHORS, None)
             whole_steps = len(blocks) // self.samples_per_step * self.samples_per_step  # only the last window has less
@@ -148,5 +150,39 @@ class StreamedBlocks(IterableDataset):
         before = state
         while batch := list(islice(documents, DOCUMENTS_PER_BATCH)):
             ids = self.encode([document[self.text_column] for document in batch])
-            yield before, np.fromiter((t for doc in ids for t in doc), dtype=np.int32, count=sum(map(len, ids)))
+            yield before, np.fromiter(chain.from_iterable(ids), dtype=np.int32, count=sum(map(len, ids)))
             before = stream.state_dict()
+
+
+def _read_ahead(items):
+    """Iterate `items` one item ahead in a background thread. The Rust tokenizer releases the GIL,
+    so the next window is read and tokenized while the model trains on the current one."""
+    ahead, stop, end = queue.Queue(maxsize=1), threading.Event(), object()
+
+    def put(item):
+        """False once the consumer has stopped."""
+        while not stop.is_set():
+            try:
+                ahead.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce():
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(end)
+        except BaseException as error:  # raised again in the consumer, with its traceback
+            put(error)
+
+    threading.Thread(target=produce, daemon=True, name="stream-read-ahead").start()
+    try:
+        while (item := ahead.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()  # the consumer stopped early (end of training): let the producer finish
