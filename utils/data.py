@@ -234,12 +234,14 @@ def tokenize_and_pack(raw, text_column, tokenizer, args, accelerator):
         return {"input_ids": encode(batch[text_column])}
 
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
+    # one worker would be a pool of one, where the Rust tokenizer runs single-threaded: keep it in-process
+    workers = args.preprocessing_num_workers if (args.preprocessing_num_workers or 0) > 1 else None
     blocks = {}
     for split, dataset in raw.items():
         with accelerator.main_process_first():
             tokenized = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names,
                                     features=Features({"input_ids": Sequence(Value("int32"))}),  # half of int64
-                                    num_proc=args.preprocessing_num_workers, desc=f"Tokenizing {split}")
+                                    num_proc=workers, desc=f"Tokenizing {split}")
             path = _token_stream_path(tokenized, dtype)
             if not path.exists():
                 _write_token_stream(tokenized, path, dtype)
