@@ -231,3 +231,11 @@ def test_dataset_by_name_from_a_hub_style_directory(streaming, hub_style_dataset
     res = results(out)
     assert res["steps"] == 4 and res["eval_loss"] < res["initial_eval_loss"]
     assert res["config"]["streaming"] is streaming
+
+
+def test_eval_only_on_a_stream_reproduces_the_training_eval_loss(streamed_run, short_corpus, tmp_path):
+    out = tmp_path / "eval"
+    launch(["--train_file", short_corpus, "--streaming", "--eval_only", "--model_name_or_path", streamed_run,
+            "--output_dir", out, "--block_size", 32, "--max_eval_samples", 8])
+    measured = json.loads((out / "eval_results.json").read_text())["eval_loss"]
+    assert measured == pytest.approx(results(streamed_run)["eval_loss"], abs=1e-5)
