@@ -6,6 +6,7 @@ split's final remainder and a corpus larger than RAM still trains.
 """
 
 import ast
+import functools
 import hashlib
 import json
 import os
@@ -29,6 +30,7 @@ TOKENIZER_STREAM_DOCUMENTS = 10_000  # a tokenizer trained for --streaming learn
 
 # --- The embedded default corpus: English text that ships with every Python install ---------
 
+@functools.cache  # parsing the standard library takes seconds; the result depends only on this Python
 def embedded_corpus_file():
     """Write Python's own help topics and standard-library docstrings as JSON lines, once."""
     import pydoc_data.topics
