@@ -59,6 +59,15 @@ def test_unknown_flag_is_named_by_the_script():
     assert result.returncode == 2 and "unrecognized arguments: --learnig_rate" in result.stderr
 
 
+def test_abbreviated_flag_is_a_typo_not_a_prefix(capsys):
+    """argparse would read --learning_rat as --learning_rate; a typo must fail like an unknown recipe key."""
+    with pytest.raises(SystemExit):
+        parse_args(["--learning_rat", "0.1"])
+    assert "unrecognized arguments: --learning_rat" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--conf", "recipe.yaml"])  # not a prefix of --config either
+
+
 def test_global_batch_size_derives_accumulation():
     args = parse_args(["--global_batch_size", "64", "--per_device_train_batch_size", "8"])
     assert preflight(args, env={"WORLD_SIZE": "2"}).gradient_accumulation_steps == 4

@@ -26,7 +26,23 @@ def test_no_weight_decay_on_norms_biases_and_embeddings():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
-@pytest.mark.parametrize("kind", ["linear", "cosine", "constant", "constant_with_warmup"])
+def test_zero3_placeholders_keep_their_weight_decay():
+    """zero.Init swaps each parameter's data for an empty 1-D tensor and keeps the shape in ds_shape:
+    the grouping must read the real shape, or every matrix silently loses its weight decay."""
+    model = tiny_llama()
+    expected = [[id(p) for p in group["params"]] for group in parameter_groups(model, 0.1)]
+    for param in model.parameters():
+        param.ds_shape = param.shape
+        param.data = torch.empty(0)
+    assert [[id(p) for p in group["params"]] for group in parameter_groups(model, 0.1)] == expected
+    assert len(expected[0]) > 0
+
+
+def test_constant_schedule_has_no_warmup():
+    assert [lr_multiplier(s, "constant", 4, 20, 0.1) for s in range(6)] == [1.0] * 6
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine", "constant_with_warmup"])
 def test_warmup_rises_to_peak_then_schedule(kind):
     lrs = [lr_multiplier(s, kind, warmup_steps=4, total_steps=20, min_lr_ratio=0.1) for s in range(20)]
     assert lrs[:5] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])

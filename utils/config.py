@@ -19,7 +19,8 @@ class UserError(Exception):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Train a causal language model with accelerate.")
+    # allow_abbrev=False: a typo such as --learning_rat must fail, not silently set --learning_rate
+    p = argparse.ArgumentParser(description="Train a causal language model with accelerate.", allow_abbrev=False)
     add = p.add_argument
     add("--config", help="YAML recipe with any of these flags as keys; command-line flags win")
     # Data
@@ -57,7 +58,9 @@ def build_parser():
     add("--weight_decay", type=float, default=0.1)
     add("--adam_beta1", type=float, default=0.9)
     add("--adam_beta2", type=float, default=0.95)
-    add("--lr_scheduler_type", default="cosine", choices=SCHEDULERS)
+    add("--lr_scheduler_type", default="cosine", choices=SCHEDULERS,
+        help="after --num_warmup_steps: decay to 0 (linear), to min_lr_ratio (cosine), or stay; "
+             "'constant' has no warmup, 'constant_with_warmup' has")
     add("--num_warmup_steps", type=int, default=20)
     add("--min_lr_ratio", type=float, default=0.1, help="cosine decays to learning_rate x this")
     add("--num_train_epochs", type=int, default=3)
@@ -104,7 +107,7 @@ def parse_args(argv=None):
 
 
 def _recipe_path(argv):
-    finder = argparse.ArgumentParser(add_help=False)
+    finder = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     finder.add_argument("--config")
     return finder.parse_known_args(argv)[0].config
 

@@ -8,12 +8,16 @@ from torch.optim.lr_scheduler import LambdaLR
 
 
 def parameter_groups(model, weight_decay):
-    """Decay 2-D weight matrices; leave norms, biases and embeddings undecayed."""
+    """Decay 2-D weight matrices; leave norms, biases and embeddings undecayed.
+
+    The shape is the parameter's real one: under ZeRO-3's zero.Init every parameter's data is an
+    empty 1-D placeholder and DeepSpeed keeps the shape in `ds_shape`."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.dim() >= 2 and id(param) not in embeddings else no_decay).append(param)
+            matrix = len(getattr(param, "ds_shape", param.shape)) >= 2
+            (decay if matrix and id(param) not in embeddings else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -27,9 +31,11 @@ def build_optimizer(model, args):
 
 def lr_multiplier(step, scheduler_type, warmup_steps, total_steps, min_lr_ratio):
     """Fraction of the peak learning rate at optimizer step `step` (0-based)."""
+    if scheduler_type == "constant":  # no warmup, as in transformers; constant_with_warmup has one
+        return 1.0
     if step < warmup_steps:
         return (step + 1) / (warmup_steps + 1)
-    if scheduler_type in ("constant", "constant_with_warmup"):
+    if scheduler_type == "constant_with_warmup":
         return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     if scheduler_type == "linear":
