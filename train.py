@@ -22,9 +22,10 @@ from utils.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from utils.config import UserError, parse_args
 from utils.data import build_dataloaders, load_raw_datasets, load_tokenizer, resolve_text_column, tokenize_and_pack
 from utils.faults import EXIT_DIVERGED, EXIT_PREEMPTED, NonFiniteGuard, StopSignal, TrainingDiverged
+from utils.files import write_atomic
 from utils.hub import push_to_hub, set_generation_ids, write_model_card
 from utils.metrics import (MetricsLog, WindowTimer, configure_trackers, device_peak_flops, peak_memory_gib,
-                           tracker_init_kwargs, trackers)
+                           perplexity, tracker_init_kwargs, trackers)
 from utils.model import build_model, load_base_config, model_config, parameter_count, training_flops_per_token
 from utils.optim import build_optimizer, build_scheduler
 from utils.preflight import preflight
@@ -49,12 +50,11 @@ def evaluate(model, eval_dataloader, accelerator):
 def evaluate_only(model, eval_dataloader, accelerator, args, eval_blocks):
     """--eval_only: loss and perplexity of --model_name_or_path on the validation split; nothing is trained."""
     eval_loss = evaluate(model, eval_dataloader, accelerator)
-    results = dict(eval_loss=eval_loss, perplexity=math.exp(eval_loss), eval_tokens=eval_blocks * args.block_size,
+    results = dict(eval_loss=eval_loss, perplexity=perplexity(eval_loss), eval_tokens=eval_blocks * args.block_size,
                    model=args.model_name_or_path, block_size=args.block_size)
     if accelerator.is_main_process:
-        with open(os.path.join(args.output_dir, "eval_results.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"{args.model_name_or_path}: eval loss {eval_loss:.4f}, perplexity {math.exp(eval_loss):.2f} over "
+        write_atomic(os.path.join(args.output_dir, "eval_results.json"), json.dumps(results, indent=2))
+        print(f"{args.model_name_or_path}: eval loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.2f} over "
               f"{results['eval_tokens']:,} tokens; written to {os.path.join(args.output_dir, 'eval_results.json')}")
     accelerator.end_training()
 
@@ -128,8 +128,8 @@ def main(argv=None):
     accelerator.init_trackers(args.project_name, config=plan.tracker_config(args), init_kwargs=tracker_init_kwargs(args))
     if initial_eval_loss is None:
         initial_eval_loss = evaluate(model, eval_dataloader, accelerator)
-        metrics.log(0, eval_loss=initial_eval_loss, perplexity=math.exp(initial_eval_loss))
-        accelerator.print(f"step 0: eval loss {initial_eval_loss:.4f}, perplexity {math.exp(initial_eval_loss):.1f}")
+        metrics.log(0, eval_loss=initial_eval_loss, perplexity=perplexity(initial_eval_loss))
+        accelerator.print(f"step 0: eval loss {initial_eval_loss:.4f}, perplexity {perplexity(initial_eval_loss):.1f}")
 
     peak_flops = device_peak_flops(accelerator.device, args.peak_flops)
     progress = tqdm(total=max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="training",
@@ -193,8 +193,8 @@ def main(argv=None):
             with timer.paused():  # evaluation and saving are not training time
                 if (args.eval_steps and step % args.eval_steps == 0) or step == max_steps:
                     eval_loss = evaluate(model, eval_dataloader, accelerator)
-                    metrics.log(step, eval_loss=eval_loss, perplexity=math.exp(eval_loss))
-                    progress.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {math.exp(eval_loss):.1f}")
+                    metrics.log(step, eval_loss=eval_loss, perplexity=perplexity(eval_loss))
+                    progress.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.1f}")
                 saved = checkpoint() if args.checkpointing_steps and step % args.checkpointing_steps == 0 else None
             if stop.agreed(accelerator):  # preemption / Ctrl-C: keep this step, then exit
                 path = saved or checkpoint()
@@ -218,16 +218,15 @@ def main(argv=None):
     sample = generate_sample(unwrapped, tokenizer, args, accelerator, plan.sharded_parameters)
     if accelerator.is_main_process:
         tokenizer.save_pretrained(args.output_dir)
-        results = dict(initial_eval_loss=initial_eval_loss, eval_loss=eval_loss, perplexity=math.exp(eval_loss),
-                       initial_perplexity=math.exp(initial_eval_loss), steps=step,
+        results = dict(initial_eval_loss=initial_eval_loss, eval_loss=eval_loss, perplexity=perplexity(eval_loss),
+                       initial_perplexity=perplexity(initial_eval_loss), steps=step,
                        train_tokens=step * tokens_per_step,
                        tokens_per_second=run_steps * tokens_per_step / timer.train_seconds if run_steps else None,
                        train_seconds=timer.train_seconds, nonfinite_steps=nonfinite.total, parameters=n_params,
                        sample=sample, **plan.record(accelerator), config=vars(args))
-        with open(os.path.join(args.output_dir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"eval perplexity {math.exp(initial_eval_loss):.1f} -> {math.exp(eval_loss):.1f} "
-              f"({math.exp(initial_eval_loss - eval_loss):.1f}x lower); model saved to {args.output_dir}")
+        write_atomic(os.path.join(args.output_dir, "results.json"), json.dumps(results, indent=2))
+        print(f"eval perplexity {perplexity(initial_eval_loss):.1f} -> {perplexity(eval_loss):.1f} "
+              f"({perplexity(initial_eval_loss - eval_loss):.1f}x lower); model saved to {args.output_dir}")
         print(f"sample: {sample}")
         write_model_card(args.output_dir)  # README.md: the model card of OUTPUT_DIR as a Hub repository
         print(f"report: {write_report(args.output_dir)}")

@@ -11,6 +11,7 @@ import re
 import shutil
 
 from utils.config import UserError
+from utils.files import publish
 
 STATE_FILE = "trainer_state.json"
 _COMPLETE = re.compile(r"^step_(\d+)$")
@@ -21,13 +22,25 @@ def checkpoints_dir(output_dir):
 
 
 def complete_checkpoints(output_dir):
-    """Complete checkpoint directories, oldest first."""
+    """Complete checkpoint directories in the order they were saved, oldest first.
+
+    Saving order, not step order: a run resumed from an older checkpoint saves lower steps after
+    the higher ones of the run it replaced, and its newest checkpoint is the one to continue from."""
     root = checkpoints_dir(output_dir)
     if not os.path.isdir(root):
         return []
-    found = [(int(m.group(1)), os.path.join(root, name)) for name in os.listdir(root)
+    found = [(_save_index(os.path.join(root, name)), int(m.group(1)), os.path.join(root, name))
+             for name in os.listdir(root)
              if (m := _COMPLETE.match(name)) and os.path.isfile(os.path.join(root, name, STATE_FILE))]
-    return [path for _, path in sorted(found)]
+    return [path for *_, path in sorted(found)]
+
+
+def _save_index(checkpoint):
+    try:
+        with open(os.path.join(checkpoint, STATE_FILE)) as f:
+            return int(json.load(f).get("save_index", 0))
+    except (OSError, ValueError, TypeError):
+        return 0  # unreadable: oldest (resolve_resume reports it if it is ever picked)
 
 
 def resolve_resume(output_dir, requested):
@@ -92,18 +105,16 @@ def save_checkpoint(accelerator, output_dir, state, total_limit=None):
     tmp = final + ".tmp"
     if accelerator.is_main_process:
         remove_incomplete(output_dir)
+        saved = complete_checkpoints(output_dir)
+        state = {**state, "save_index": _save_index(saved[-1]) + 1 if saved else 1}
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
             json.dump(state, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        if total_limit:
+        publish(tmp, final)  # fsyncs every file of the checkpoint, then renames
+        if total_limit:  # the oldest saved go; the one just written is the newest and always stays
             for old in complete_checkpoints(output_dir)[:-total_limit]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()

@@ -22,6 +22,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, Sequent
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from utils.config import UserError, local_data_builder
+from utils.files import publish, temporary_name, write_atomic
 
 CACHE_ROOT = Path(HF_HOME) / "clm-train"
 EOS_TOKEN = "<|endoftext|>"
@@ -50,9 +51,7 @@ def embedded_corpus_file():
     path = CACHE_ROOT / "corpus" / f"python-docs-{hashlib.sha256(lines.encode()).hexdigest()[:16]}.jsonl"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(lines)
-        tmp.replace(path)
+        write_atomic(path, lines)
     return str(path)
 
 
@@ -157,7 +156,9 @@ def load_tokenizer(args, raw_train, text_column, accelerator):
             source, texts = raw_train._fingerprint, raw_train[text_column]
         key = hashlib.sha256(f"{source}-{text_column}-{args.vocab_size}".encode()).hexdigest()[:16]
         path = CACHE_ROOT / "tokenizers" / key
-        with accelerator.main_process_first():
+        # the main process of each node first: caches may be node-local (each node trains its own copy)
+        # or shared (the first to finish publishes it; the others' copies are dropped)
+        with accelerator.local_main_process_first():
             if not path.exists():
                 _train_bpe_tokenizer(texts, args.vocab_size, path)
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -188,9 +189,9 @@ def _train_bpe_tokenizer(texts, vocab_size, path):
     bpe.train_from_iterator((t for t in texts if t), trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS_TOKEN, bos_token=EOS_TOKEN,
                                         pad_token=EOS_TOKEN, model_max_length=1 << 30)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp = temporary_name(path)
     tokenizer.save_pretrained(tmp)
-    tmp.replace(path)
+    publish(tmp, path, keep_existing=True)
 
 
 # --- Tokenize and pack ----------------------------------------------------------------------
@@ -240,7 +241,7 @@ def tokenize_and_pack(raw, text_column, tokenizer, args, accelerator):
     workers = args.preprocessing_num_workers if (args.preprocessing_num_workers or 0) > 1 else None
     blocks = {}
     for split, dataset in raw.items():
-        with accelerator.main_process_first():
+        with accelerator.local_main_process_first():  # node-local caches: one tokenization per node
             tokenized = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names,
                                     features=Features({"input_ids": Sequence(Value("int32"))}),  # half of int64
                                     num_proc=workers, desc=f"Tokenizing {split}")
@@ -264,11 +265,11 @@ def _token_stream_path(tokenized, dtype):
 
 
 def _write_token_stream(tokenized, path, dtype):
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp = temporary_name(path)
     with open(tmp, "wb") as f:
         for batch in tokenized.data.column("input_ids").chunks:
             batch.flatten().to_numpy().astype(dtype).tofile(f)
-    tmp.replace(path)
+    publish(tmp, path, keep_existing=True)
 
 
 # --- Loaders --------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import math
 import os
 import resource
 import sys
@@ -9,6 +10,8 @@ import time
 
 import torch
 from accelerate.tracking import TensorBoardTracker
+
+from utils.files import write_atomic
 
 # Dense bf16/fp16 tensor-core peak FLOP/s per device (vendor datasheets, no sparsity). Matched as
 # substrings of torch.cuda.get_device_name(), most specific first.
@@ -18,6 +21,14 @@ PEAK_FLOPS = [
     ("A10G", 70e12), ("A10", 125e12), ("A6000", 155e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12),
     ("V100", 125e12), ("T4", 65e12), ("MI300X", 1307e12), ("MI250X", 383e12),
 ]
+
+
+def perplexity(loss):
+    """exp(loss), or inf where exp overflows (a loss above ~709, e.g. a diverged or fp16 run)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
 
 
 def device_peak_flops(device, override=None):
@@ -69,6 +80,21 @@ def _wandb_logged_in():
     return os.path.isfile(netrc) and "api.wandb.ai" in open(netrc).read()
 
 
+def read_jsonl(path):
+    """Every complete record; a run killed mid-write leaves a truncated last line, which is skipped."""
+    records = []
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    pass
+    except OSError:
+        pass
+    return records
+
+
 class MetricsLog:
     """One JSON object per line in OUTPUT_DIR/metrics.jsonl, mirrored to accelerate's trackers.
 
@@ -80,12 +106,9 @@ class MetricsLog:
         self.accelerator = accelerator
         self.path = os.path.join(output_dir, "metrics.jsonl")
         if accelerator.is_main_process:
-            kept = []
-            if keep_through_step is not None and os.path.exists(self.path):
-                with open(self.path) as f:
-                    kept = [line for line in f if json.loads(line)["step"] <= keep_through_step]
-            with open(self.path, "w") as f:
-                f.writelines(kept)
+            kept = [r for r in read_jsonl(self.path) if r.get("step", math.inf) <= keep_through_step] \
+                if keep_through_step is not None else []
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def log(self, step, **values):
         values = {k: v for k, v in values.items() if v is not None}

@@ -9,7 +9,6 @@ trainer_state.json), so it works on a finished run, a running one and one that w
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -17,6 +16,8 @@ from dataclasses import dataclass
 
 from utils.checkpoint import STATE_FILE, complete_checkpoints
 from utils.config import UserError
+from utils.files import publish, temporary_name, write_atomic
+from utils.metrics import perplexity, read_jsonl
 
 PLOTS_DIR = "plots"
 
@@ -49,7 +50,7 @@ class Run:
 def load_run(output_dir):
     if not os.path.isdir(output_dir):
         raise UserError(f"{output_dir} is not a directory: pass the --output_dir of a run")
-    metrics = _read_jsonl(os.path.join(output_dir, "metrics.jsonl"))
+    metrics = read_jsonl(os.path.join(output_dir, "metrics.jsonl"))
     results = _read_json(os.path.join(output_dir, "results.json"))
     if not metrics and results is None:
         raise UserError(f"{output_dir} has no metrics.jsonl or results.json yet: "
@@ -66,21 +67,6 @@ def _read_json(path):
             return json.load(f)
     except (OSError, ValueError):
         return None
-
-
-def _read_jsonl(path):
-    """Every complete record; a running job may be half-way through writing the last line."""
-    records = []
-    try:
-        with open(path) as f:
-            for line in f:
-                try:
-                    records.append(json.loads(line))
-                except ValueError:
-                    pass
-    except OSError:
-        pass
-    return records
 
 
 # --- Numbers ---------------------------------------------------------------------------------
@@ -155,12 +141,12 @@ def metrics_table(run):
     if h["initial_eval_loss"] is not None:
         initial, final = h["initial_eval_loss"], h["eval_loss"]
         if final is None:
-            rows += [("eval loss (step 0)", f"{initial:.4f}"), ("eval perplexity (step 0)", f"{math.exp(initial):.1f}")]
+            rows += [("eval loss (step 0)", f"{initial:.4f}"), ("eval perplexity (step 0)", f"{perplexity(initial):.1f}")]
         else:
             when = "" if run.finished else f" (step {h['eval_step']})"
             rows += [("eval loss" + when, f"{initial:.4f} → {final:.4f}"),
-                     ("eval perplexity" + when, f"{math.exp(initial):.1f} → {math.exp(final):.1f} "
-                                                f"({math.exp(initial - final):.1f}x lower)")]
+                     ("eval perplexity" + when, f"{perplexity(initial):.1f} → {perplexity(final):.1f} "
+                                                f"({perplexity(initial - final):.1f}x lower)")]
     if h["train_loss"] is not None:
         rows.append(("last training loss", f"{h['train_loss']:.4f} (step {h['train_loss_step']})"))
     rows.append(("optimizer steps", f"{h['steps']:,}"))
@@ -270,9 +256,9 @@ def _plot(path, title, ylabel, series):
     axes.grid(alpha=0.3)
     if len(series) > 1:
         axes.legend()
-    tmp = f"{path}.tmp{os.getpid()}.png"  # a reader never sees half a PNG
-    figure.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    tmp = temporary_name(path)  # a reader never sees half a PNG
+    figure.savefig(tmp, dpi=100, format="png")
+    publish(tmp, path)
 
 
 # --- The report ------------------------------------------------------------------------------
@@ -283,9 +269,9 @@ def write_report(output_dir):
     h = headline(run)
     lines = [f"# Training report: {run.name}", "", f"**Status:** {status_line(run)}", ""]
     if h["eval_loss"] is not None:
-        lines += [f"**Eval perplexity {math.exp(h['initial_eval_loss']):.1f} → {math.exp(h['eval_loss']):.1f}** "
+        lines += [f"**Eval perplexity {perplexity(h['initial_eval_loss']):.1f} → {perplexity(h['eval_loss']):.1f}** "
                   f"(loss {h['initial_eval_loss']:.4f} → {h['eval_loss']:.4f}, "
-                  f"{math.exp(h['initial_eval_loss'] - h['eval_loss']):.1f}x lower)", ""]
+                  f"{perplexity(h['initial_eval_loss'] - h['eval_loss']):.1f}x lower)", ""]
     lines += ["## Metrics", "", metrics_table(run), "", "## Batch", "", batch_math(run), "",
               "## Config", "", config_table(run), ""]
     plots = write_plots(run)
@@ -295,11 +281,7 @@ def write_report(output_dir):
         lines += ["## Sample", "", f"Generated from `{run.config.get('sample_prompt', '')}` at the end:" if run.config
                   else "Generated at the end:", "", "> " + run.results["sample"].replace("\n", "\n> "), ""]
     path = os.path.join(output_dir, "report.md")
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines).rstrip() + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, "\n".join(lines).rstrip() + "\n")
 
 
 def main(argv=None):

@@ -1,0 +1,84 @@
+"""Checkpoint bookkeeping and the files a resume reads: rotation, 'latest', metrics.jsonl, atomic publishing."""
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from utils.checkpoint import complete_checkpoints, resolve_resume, save_checkpoint
+from utils.files import publish, temporary_name
+from utils.metrics import MetricsLog, perplexity
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    return Accelerator(cpu=True)
+
+
+def save(accelerator, output_dir, step, limit):
+    return save_checkpoint(accelerator, str(output_dir), dict(step=step, epoch=0, data_position=None,
+                                                              samples_per_step=8, initial_eval_loss=1.0), limit)
+
+
+def test_resuming_an_older_checkpoint_keeps_the_one_just_written(tmp_path, accelerator):
+    """Checkpoints 4 and 8 exist; a run resumed from 4 saves 6 with a limit of 1. Sorting by step
+    would keep 8 (from the abandoned run) and delete 6; 6 is the newest and must stay, and 'latest'
+    must continue from it."""
+    save(accelerator, tmp_path, 4, 2)
+    save(accelerator, tmp_path, 8, 2)
+    just_written = save(accelerator, tmp_path, 6, 1)
+    assert [os.path.basename(p) for p in complete_checkpoints(tmp_path)] == ["step_6"]
+    assert resolve_resume(str(tmp_path), "latest")[0] == just_written
+
+
+def test_latest_is_the_last_saved_not_the_highest_step(tmp_path, accelerator):
+    for step in (4, 8, 6):
+        save(accelerator, tmp_path, step, None)
+    assert [os.path.basename(p) for p in complete_checkpoints(tmp_path)] == ["step_4", "step_8", "step_6"]
+    assert os.path.basename(resolve_resume(str(tmp_path), "latest")[0]) == "step_6"
+
+
+def test_truncated_metrics_line_does_not_stop_a_resume(tmp_path, accelerator):
+    """A run killed mid-write leaves half a JSON line at the end of metrics.jsonl."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 7)) + '{"step": 7, "lo')
+    MetricsLog(accelerator, str(tmp_path), keep_through_step=4)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_perplexity_of_a_huge_loss_is_inf():
+    assert perplexity(2.0) == pytest.approx(math.exp(2.0))
+    assert perplexity(800.0) == math.inf  # math.exp raises OverflowError above ~709
+
+
+def test_publish_counts_a_peer_that_finished_first(tmp_path):
+    """Two processes (two nodes on a shared cache) build the same directory; the second rename
+    must not fail with 'Directory not empty' but keep the first result."""
+    final = tmp_path / "tokenizer"
+    for content in ("first", "second"):
+        tmp = temporary_name(final) + content
+        os.makedirs(tmp)
+        (tmp_path / os.path.basename(tmp) / "vocab.json").write_text(content)
+        publish(tmp, final, keep_existing=True)
+    assert (final / "vocab.json").read_text() == "first"
+    assert sorted(os.listdir(tmp_path)) == ["tokenizer"]
+
+
+def test_publish_replaces_a_checkpoint_directory(tmp_path):
+    final = tmp_path / "step_4"
+    for content in ("old", "new"):
+        tmp = tmp_path / "step_4.tmp"
+        tmp.mkdir()
+        (tmp / "state").write_text(content)
+        publish(str(tmp), str(final))
+    assert (final / "state").read_text() == "new"
+
+
+def test_saved_state_round_trips(tmp_path, accelerator):
+    path = save(accelerator, tmp_path, 3, None)
+    _, state = resolve_resume(str(tmp_path), path)
+    assert (state["step"], state["save_index"]) == (3, 1)
+    assert torch.load(os.path.join(path, "random_states_0.pkl"), weights_only=False)  # accelerate's RNG states

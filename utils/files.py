@@ -1,0 +1,70 @@
+"""Files and directories that are either complete or absent: write under a temporary name, fsync,
+rename. A reader (a resumed run, another rank, another node) never sees half of one, also after a
+power loss, because the data reaches the disk before the rename that publishes it does."""
+
+import errno
+import os
+import shutil
+
+
+def temporary_name(path):
+    """A sibling name for `path` that no other process writes to."""
+    return f"{path}.tmp{os.getpid()}"
+
+
+def write_atomic(path, data):
+    """Write str or bytes to `path` in one step."""
+    tmp = temporary_name(path)
+    with open(tmp, "w" if isinstance(data, str) else "wb") as f:
+        f.write(data)
+    return publish(tmp, path)
+
+
+def publish(tmp, final, keep_existing=False):
+    """Make the finished file or directory `tmp` appear as `final`, durably.
+
+    keep_existing=True is for caches that several processes may fill at once (each node's main
+    process, say): when another one published `final` first, its result counts and `tmp` is dropped.
+    Otherwise `final` is replaced."""
+    _fsync_tree(tmp)
+    if keep_existing and os.path.exists(final):
+        _remove(tmp)
+        return final
+    try:
+        if os.path.isdir(tmp) and os.path.isdir(final) and not keep_existing:
+            shutil.rmtree(final)  # a directory cannot be renamed onto a non-empty one
+        os.replace(tmp, final)
+    except OSError as e:
+        if not (keep_existing and e.errno in (errno.ENOTEMPTY, errno.EEXIST) and os.path.exists(final)):
+            raise
+        _remove(tmp)  # a peer finished first
+    _fsync(os.path.dirname(os.path.abspath(final)))  # the rename itself
+    return final
+
+
+def _fsync_tree(path):
+    if os.path.isdir(path):
+        for root, _, files in os.walk(path):
+            for name in files:
+                _fsync(os.path.join(root, name))
+            _fsync(root)
+    else:
+        _fsync(path)
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some filesystems cannot fsync a directory; the data files are synced anyway
+        if e.errno not in (errno.EINVAL, errno.EBADF, errno.EISDIR):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _remove(path):
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        os.remove(path)
