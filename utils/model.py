@@ -4,6 +4,11 @@ The model class is transformers' own and stays untouched; precision, sharding an
 are applied from outside by accelerate.
 """
 
+import copy
+import hashlib
+from contextlib import nullcontext
+
+import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 from utils.config import UserError
@@ -55,10 +60,65 @@ def model_config(args, base_config, tokenizer):
 
 
 def build_model(args, config):
-    """Pretrained weights for --model_name_or_path, else a freshly initialized model."""
+    """Pretrained weights for --model_name_or_path, else a model initialized from --seed alone."""
     if args.model_name_or_path:
         return AutoModelForCausalLM.from_pretrained(args.model_name_or_path, config=config, attn_implementation="sdpa")
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    initialize_by_name(model, args.seed)
+    return model
+
+
+def initialize_by_name(model, seed):
+    """Re-initialize every parameter so its value depends only on the seed and the module's name.
+
+    The model's own `_init_weights` rules (transformers') run on a CPU copy of one module at a time,
+    with the random generator seeded from (seed, module name), and the result is copied in. So DDP,
+    FSDP2 and ZeRO-3 with zero.Init (where each process holds only a shard, and transformers draws
+    the weights in another order) start from bit-identical weights, whatever the process count or
+    device. Under zero.Init one module's parameters are gathered at a time, so memory stays flat.
+    Modules run children first, as in transformers, so a parent that re-initializes a child's
+    weights (GPT-2's scaled projections) has the last word.
+    """
+    zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
+    if zero3:
+        import deepspeed
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    for name, module in reversed(list(model.named_modules())):
+        params = [p for p in module.parameters(recurse=False)]
+        params += [p for child in module.children() for p in child.parameters(recurse=False)]
+        if not params:
+            continue
+        gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=0) if zero3 else nullcontext()
+        with gathered, torch.no_grad():
+            if zero3 and rank != 0:  # rank 0's values are scattered to the shards on exit
+                continue
+            twin = _cpu_twin(module)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little"))
+                model._init_weights(twin)
+            for real, fresh in zip(_direct_and_child_params(module), _direct_and_child_params(twin)):
+                touched = ~torch.isnan(fresh)  # NaN: left alone by this module's rule
+                if touched.all():
+                    real.copy_(fresh)
+                elif touched.any():
+                    real[touched.to(real.device)] = fresh[touched].to(real.dtype).to(real.device)
+
+
+def _direct_and_child_params(module):
+    return [p for m in (module, *module.children()) for p in m.parameters(recurse=False)]
+
+
+def _cpu_twin(module):
+    """A shallow copy of `module` and its direct children whose parameters are fresh NaN-filled fp32
+    CPU tensors of the real shapes (ds_shape under zero.Init); buffers are shared."""
+    def twin_of(m, depth):
+        twin = copy.copy(m)
+        twin._parameters = {k: None if p is None else torch.nn.Parameter(
+            torch.full(tuple(getattr(p, "ds_shape", p.shape)), float("nan")), requires_grad=False)
+            for k, p in m._parameters.items()}
+        twin._modules = {k: twin_of(c, depth - 1) for k, c in m._modules.items() if c is not None} if depth else {}
+        return twin
+    return twin_of(module, 1)
 
 
 def _round_up(n, multiple):
