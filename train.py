@@ -135,7 +135,9 @@ def main(argv=None):
     progress = tqdm(total=max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="training",
                     file=sys.stdout)  # stderr stays for warnings and errors
     loss_sum = torch.zeros((), device=accelerator.device)  # summed on device; read only when logging
-    timer, stop, nonfinite = WindowTimer(), StopSignal(), NonFiniteGuard(args.max_nonfinite_steps)
+    timer, stop = WindowTimer(), StopSignal()
+    nonfinite = NonFiniteGuard(args.max_nonfinite_steps, loss_scaling=accelerator.mixed_precision == "fp16",
+                               scaler=accelerator.scaler)
     window_steps, run_steps, eval_loss = 0, 0, None
 
     def checkpoint():
@@ -156,12 +158,9 @@ def main(argv=None):
             with accelerator.accumulate(model):
                 loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
                 accelerator.backward(loss)
-                finite = True
                 if accelerator.sync_gradients:  # clip to inf = just measure the norm
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
-                    finite = nonfinite.update_is_finite(grad_norm)  # a host sync, unless the guard is off
-                if finite:  # a non-finite update is skipped (DeepSpeed steps inside backward: counted only)
-                    optimizer.step()
+                    finite = nonfinite.step(optimizer, grad_norm)  # skips a non-finite update; fp16: the scaler does
                 optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
             timer.batch_done()
@@ -185,7 +184,8 @@ def main(argv=None):
                             tokens_per_second=tokens_per_second,
                             mfu=peak_flops and flops_per_token * tokens_per_second / (peak_flops * accelerator.num_processes),
                             peak_memory_gib=peak_memory_gib(accelerator), data_wait_pct=data_wait_pct,
-                            nonfinite_steps=nonfinite.total, epoch=epoch)
+                            nonfinite_steps=nonfinite.total, loss_scale_skips=nonfinite.loss_scale_skips or None,
+                            epoch=epoch)
                 progress.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tokens_per_second:.0f}")
                 loss_sum.zero_()
                 window_steps = 0
@@ -200,12 +200,14 @@ def main(argv=None):
                 path = saved or checkpoint()
                 accelerator.print(f"{stop.received or 'stop signal'} received: saved {path} after step {step}; "
                                   "run the same command with --resume_from_checkpoint latest to continue")
+                stop.close()
                 accelerator.end_training()
                 sys.exit(EXIT_PREEMPTED)
             if step >= max_steps:
                 break
         epoch, samples_in_epoch = epoch + 1, 0
     progress.close()
+    stop.close()
 
     # ---- Save a Hugging Face model, report, and show a sample ----
     if eval_loss is None:  # resumed at the end: nothing was trained in this run

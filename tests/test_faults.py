@@ -121,6 +121,90 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, corpus):
     assert not (out / "model.safetensors").exists()  # nothing saved from a diverged run
 
 
+def test_repeated_sigterm_only_asks_again():
+    """SLURM signals every process of the step and torchrun's agent forwards its own SIGTERM again:
+    the second SIGTERM must not kill a worker that is saving."""
+    code = ("import os, signal, sys, time; sys.path.insert(0, sys.argv[1]); from utils.faults import StopSignal; "
+            "s = StopSignal(); [os.kill(os.getpid(), signal.SIGTERM) for _ in range(3)]; time.sleep(0.2); "
+            "print(s.received)")
+    result = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout.strip()) == (0, "SIGTERM")
+
+
+def test_second_ctrl_c_aborts():
+    code = ("import os, signal, sys, time; sys.path.insert(0, sys.argv[1]); from utils.faults import StopSignal; "
+            "s = StopSignal(); os.kill(os.getpid(), signal.SIGINT); time.sleep(0.1); print(s.received, flush=True); "
+            "os.kill(os.getpid(), signal.SIGINT); time.sleep(1); print('still running')")
+    result = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=60)
+    assert result.stdout.splitlines() == ["SIGINT"] and "KeyboardInterrupt" in result.stderr
+
+
+# --- fp16 loss scaling: overflows belong to the scaler, not to the divergence guard ---
+
+def fp16_steps(scale_factors, limit=3, init_scale=2.0**16):
+    """A GradScaler-driven loop on CPU, as accelerate runs fp16 on a GPU: scale the loss, backward,
+    unscale and clip (accelerator.clip_grad_norm_), then the guard's step. A factor of inf makes the
+    gradients overflow."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from utils.faults import NonFiniteGuard
+
+    Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    optimizer = AcceleratedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), scaler=scaler)
+    guard = NonFiniteGuard(limit, loss_scaling=True, scaler=scaler)
+    weights = []
+    for step, factor in enumerate(scale_factors, 1):
+        loss = model(torch.ones(2, 4)).sum() * factor
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        guard.record(guard.step(optimizer, grad_norm), step)
+        optimizer.zero_grad()
+        weights.append(model.weight.detach().clone())
+    return guard, scaler, weights
+
+
+def test_fp16_overflow_is_skipped_by_the_scaler_and_training_goes_on():
+    """Skipping optimizer.step() on an overflow also skipped the scaler's update, and the next
+    unscale_ raised 'unscale_() has already been called'. Now the scaler skips, halves its scale, and
+    its skips (loss-scale calibration) are not counted as divergence."""
+    inf = float("inf")
+    guard, scaler, weights = fp16_steps([1.0, inf, inf, inf, inf, 1.0])
+    assert guard.total == 0 and guard.loss_scale_skips == 4
+    assert scaler.get_scale() == 2.0**16 / 2**4
+    assert all((weights[i] == weights[0]).all() for i in range(1, 5))  # the overflowing steps changed nothing
+    assert not (weights[5] == weights[4]).all()  # the next finite step trains
+
+
+def test_fp16_overflow_at_a_tiny_scale_is_divergence():
+    """Below a scale of 1 the scaler is no longer calibrating: the inf/NaN values are real."""
+    from utils.faults import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged):
+        fp16_steps([float("nan")] * 5, limit=3, init_scale=2.0)
+
+
+def test_deepspeed_fp16_overflow_is_not_divergence():
+    """DeepSpeed skips an overflowing step inside its engine and reports an infinite grad norm."""
+    from utils.faults import NonFiniteGuard
+
+    class EngineOptimizer:  # accelerate's DeepSpeedOptimizerWrapper: step() is a no-op, overflow readable
+        step_was_skipped = True
+
+        def step(self):
+            pass
+
+    guard = NonFiniteGuard(3, loss_scaling=True, scaler=None)
+    for step in range(1, 6):
+        guard.record(guard.step(EngineOptimizer(), float("inf")), step)
+    assert (guard.total, guard.loss_scale_skips) == (0, 5)
+
+
 # --- Bad input: one line, a non-zero exit, before expensive work, output directory untouched ---
 
 def snapshot(folder):

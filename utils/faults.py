@@ -18,32 +18,83 @@ class TrainingDiverged(UserError):
 class StopSignal:
     """Turns SIGTERM / SIGINT into a request to stop after the current optimizer step.
 
-    A second signal of the same kind falls back to the default action (Ctrl-C twice aborts)."""
+    Launchers send SIGTERM more than once: SLURM's `--signal` reaches every process of the step,
+    and torchrun's agent (under `accelerate launch`) forwards its own SIGTERM to the workers again,
+    so every SIGTERM only (re)asks for the stop. A second Ctrl-C aborts at once.
+
+    The processes agree on the stop without stalling the device: each step starts an all-reduce of
+    the flags on a CPU (gloo) group in the background and reads the one started a step earlier, which
+    has long finished. So all processes stop after the same step, one step after the first signal.
+    """
 
     def __init__(self):
-        self.received = None
+        self.received, self._interrupts = None, 0
+        self._group, self._pending = None, None
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-        signal.signal(signum, signal.SIG_DFL)
+        if signum == signal.SIGINT:
+            self._interrupts += 1
+            if self._interrupts > 1:
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                raise KeyboardInterrupt  # Ctrl-C twice: abort without saving
+        self.received = self.received or signal.Signals(signum).name
 
     def agreed(self, accelerator):
-        """True on every process once any process got a signal (they may get it a step apart)."""
+        """True on every process, after the same step, once any process got a signal."""
         if accelerator.num_processes == 1:
             return self.received is not None
-        flag = torch.tensor(float(self.received is not None), device=accelerator.device)
-        return accelerator.reduce(flag, "sum").item() > 0
+        if self._group is None:  # once; a collective call on every process
+            self._group = torch.distributed.new_group(backend="gloo")
+        stop = False
+        if self._pending is not None:
+            work, flag = self._pending
+            work.wait()  # started a step ago: done by now, and it never touches the GPU stream
+            stop = flag.item() > 0
+        flag = torch.tensor([float(self.received is not None)])
+        self._pending = (torch.distributed.all_reduce(flag, group=self._group, async_op=True), flag)
+        return stop
+
+    def close(self):
+        """Finish the last background all-reduce (before the process group goes away)."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
 
 
 class NonFiniteGuard:
-    """Counts optimizer steps whose gradient norm is inf/NaN, and stops after too many in a row."""
+    """Skips optimizer steps whose gradient norm is inf/NaN, and stops after too many in a row.
 
-    def __init__(self, limit):
-        self.limit, self.consecutive, self.total = limit, 0, 0
+    With fp16 loss scaling the scaler decides instead: torch's GradScaler skips a step with inf/NaN
+    gradients itself and lowers its scale (it must see every step, or its next unscale_ fails), and
+    DeepSpeed does the same inside its engine. Those skips calibrate the loss scale, mostly in the
+    first steps of a run, and do not count as divergence, unless a GradScaler has already lowered
+    its scale below 1: then the inf/NaN values are real. (DeepSpeed stops on its own at its
+    min_loss_scale.)
+    """
 
-    def update_is_finite(self, grad_norm):
+    def __init__(self, limit, loss_scaling=False, scaler=None):
+        self.limit, self.consecutive, self.total, self.loss_scale_skips = limit, 0, 0, 0
+        self.loss_scaling, self.scaler = loss_scaling, scaler
+
+    def step(self, optimizer, grad_norm):
+        """At an accumulation boundary: optimizer.step() unless the update is non-finite.
+        Returns False for a step counted as non-finite (skipped; the weights are unchanged)."""
+        if self.loss_scaling:
+            optimizer.step()  # GradScaler: unscales, skips on inf/NaN, updates the scale
+            if not optimizer.step_was_skipped:
+                return True
+            if self.scaler is not None and self.scaler.get_scale() < 1:
+                return False
+            self.loss_scale_skips += 1
+            return True
+        finite = self.is_finite(grad_norm)
+        if finite:  # DeepSpeed has stepped inside backward already: there this only counts
+            optimizer.step()
+        return finite
+
+    def is_finite(self, grad_norm):
         """Reads the (already all-reduced) gradient norm, a tensor or DeepSpeed's float, once per
         optimizer step; with the guard off (limit 0) nothing is read and the host never waits."""
         return not self.limit or grad_norm is None or math.isfinite(float(grad_norm))
