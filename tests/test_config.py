@@ -110,3 +110,24 @@ def test_matching_deepspeed_config_passes_and_hands_over_clipping(tmp_path):
     plan = preflight(parse_args(["--max_grad_norm", "0.5"]), env=env)
     assert plan.zero_stage == 2 and not plan.sharded_parameters
     assert env["ACCELERATE_GRADIENT_CLIPPING"] == "0.5" and env["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] == "1"
+
+
+def test_shipped_deepspeed_configs_use_the_ds_configs(tmp_path, monkeypatch):
+    """One source of truth: every DeepSpeed accelerate config names a ds_configs/*.json, every ds_config
+    is named by one, and the relative path resolves from any working directory."""
+    import yaml
+
+    named = {}
+    for path in sorted((ROOT / "accelerate_configs").glob("*.yaml")):
+        config = yaml.safe_load(path.read_text())
+        if config["distributed_type"] == "DEEPSPEED":
+            ds = config["deepspeed_config"]
+            assert set(ds) <= {"deepspeed_config_file", "zero3_init_flag", "deepspeed_multinode_launcher"}, path.name
+            named[path.name] = ds["deepspeed_config_file"]
+    assert {str(p.relative_to(ROOT)) for p in (ROOT / "ds_configs").glob("*.json")} == set(named.values())
+    monkeypatch.chdir(tmp_path)  # not the repository root
+    for yaml_name, ds_file in named.items():
+        env = {"WORLD_SIZE": "2", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_CONFIG_FILE": ds_file}
+        plan = preflight(parse_args([]), env=env)
+        assert env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] == str(ROOT / ds_file)
+        assert plan.zero_stage == int(yaml_name.split("zero")[1][0]), yaml_name

@@ -89,6 +89,10 @@ def load_checkpoint(accelerator, checkpoint, state, samples_per_step):
     except Exception as e:  # torch, safetensors and DeepSpeed each raise their own types for a damaged file
         raise UserError(f"checkpoint {checkpoint} is corrupt ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
                         "resume from an earlier one or start fresh") from e
+    # load_state restores accelerate's micro-batch counter, counted under the saved run's accumulation
+    # (2 processes x 1 saved at step 3 = 3, which 1 process x 2 would read as half-way through a step).
+    # A checkpoint always sits on an optimizer-step boundary: the next micro-batch starts a new step.
+    accelerator.step = 0
 
 
 def remove_incomplete(output_dir):

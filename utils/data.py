@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import random
+import signal
 import sysconfig
 from pathlib import Path
 
@@ -304,9 +305,16 @@ class ResumableSampler(Sampler):
         return self.usable - self.skip
 
 
+def _ignore_sigterm(worker_id):
+    """SLURM signals every process of a job step, loader workers included, and a worker that dies
+    makes the trainer raise before it can save: the trainer handles SIGTERM, its workers ignore it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def build_dataloaders(blocks, args, samples_per_step):
     """(train loader, validation loader, the train order: what a checkpoint asks for the data position)."""
-    common = {"num_workers": args.dataloader_num_workers, "pin_memory": torch.cuda.is_available()}
+    common = {"num_workers": args.dataloader_num_workers, "pin_memory": torch.cuda.is_available(),
+              "worker_init_fn": _ignore_sigterm if args.dataloader_num_workers else None}
     evaluation = DataLoader(blocks["validation"], sampler=SequentialSampler(blocks["validation"]),
                             batch_size=args.per_device_eval_batch_size, **common)
     if not isinstance(blocks["train"], PackedBlocks):  # a stream (utils/stream.py) orders its own blocks

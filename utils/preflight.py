@@ -89,6 +89,11 @@ def preflight(args, env=os.environ):
     micro = args.per_device_train_batch_size
     deepspeed = env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     ds_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none") if deepspeed else "none"
+    if ds_file != "none":
+        # the shipped accelerate configs name ds_configs/*.json relative to the repository root:
+        # find it from any working directory, and hand accelerate the path that exists
+        ds_file = _existing_path(ds_file)
+        env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = ds_file
     ds_config = _read_ds_config(ds_file) if ds_file != "none" else {}
     mixed = env.get("ACCELERATE_MIXED_PRECISION", "no")
 
@@ -122,6 +127,11 @@ def preflight(args, env=os.environ):
             raise UserError("mixed_precision fp16 needs a GPU (on CPU accelerate silently runs fp32): "
                             "use 'no' or bf16 in the accelerate config")
     return plan
+
+
+def _existing_path(path):
+    in_repository = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), path)
+    return os.path.abspath(path if os.path.exists(path) or os.path.isabs(path) else in_repository)
 
 
 def _read_ds_config(path):
