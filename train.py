@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from utils.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from utils.checkpoint import load_checkpoint, prepare_resume, resolve_resume, save_checkpoint
 from utils.config import UserError, parse_args
 from utils.data import build_dataloaders, load_raw_datasets, load_tokenizer, resolve_text_column, tokenize_and_pack
 from utils.faults import EXIT_DIVERGED, EXIT_PREEMPTED, NonFiniteGuard, StopSignal, TrainingDiverged
@@ -100,6 +100,8 @@ def main(argv=None):
     flops_per_token = training_flops_per_token(model, args.block_size)  # before sharding hides parameters
     n_params = parameter_count(model)
     optimizer = build_optimizer(model, args)
+    # another process count under DeepSpeed: converted to its universal format, before prepare builds the engine
+    load_from = prepare_resume(accelerator, resume_from, resume_state) if resume_from else None
     model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader)
     lr_scheduler = build_scheduler(optimizer, args, max_steps)
@@ -113,7 +115,7 @@ def main(argv=None):
     # ---- Resume or start ----
     step, initial_eval_loss, epoch, samples_in_epoch = 0, None, 0, 0
     if resume_from:
-        load_checkpoint(accelerator, resume_from, resume_state, samples_per_step)
+        load_checkpoint(accelerator, load_from, resume_state, samples_per_step, model)
         step, initial_eval_loss, epoch = resume_state["step"], resume_state["initial_eval_loss"], resume_state["epoch"]
         position = resume_state["data_position"]
         if position["epoch_complete"]:  # saved after an epoch's last step

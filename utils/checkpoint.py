@@ -11,9 +11,11 @@ import re
 import shutil
 
 from utils.config import UserError
-from utils.files import publish
+from utils.files import publish, temporary_name
 
 STATE_FILE = "trainer_state.json"
+DEEPSPEED_TAG = "pytorch_model"  # accelerate's save_state names DeepSpeed's checkpoint tag so
+UNIVERSAL = "universal"  # CHECKPOINT/universal: the DeepSpeed shards converted for another process count
 _COMPLETE = re.compile(r"^step_(\d+)$")
 
 
@@ -71,28 +73,88 @@ def read_state(checkpoint):
                         "resume from an earlier one or start fresh") from e
 
 
-def load_checkpoint(accelerator, checkpoint, state, samples_per_step):
+def prepare_resume(accelerator, checkpoint, state):
+    """Before `accelerator.prepare`: the directory `load_checkpoint` will read.
+
+    DDP checkpoints hold whole tensors and FSDP2 ones are `torch.distributed.checkpoint` shards that
+    reshard on load, so both resume on any number of processes as they are. DeepSpeed's ZeRO shards
+    are tied to the process count that wrote them: for another count, DeepSpeed's own converter
+    (ds_to_universal) turns them into its universal format once, kept in CHECKPOINT/universal, and
+    DeepSpeed is told to load that, which it reads only when its engine is built."""
+    saved_by = state.get("num_processes", accelerator.num_processes)
+    if saved_by != accelerator.num_processes:
+        accelerator.print(f"notice: {checkpoint} was saved by {saved_by} processes, this run has "
+                          f"{accelerator.num_processes}; the data position ({state['step'] * state['samples_per_step']} "
+                          "sequences) and the optimizer state carry over exactly")
+    if accelerator.state.deepspeed_plugin is None or saved_by == accelerator.num_processes:
+        return checkpoint
+    if state.get("distributed_type") != "DEEPSPEED":
+        raise UserError(f"{checkpoint} was saved by a {state.get('distributed_type')} run and this run uses DeepSpeed: "
+                        "resume with the accelerate config that wrote it")
+    universal = os.path.join(checkpoint, UNIVERSAL)
+    if accelerator.is_main_process and not os.path.isdir(universal):
+        _convert_to_universal(checkpoint, universal)
+    accelerator.wait_for_everyone()
+    accelerator.state.deepspeed_plugin.deepspeed_config.setdefault("checkpoint", {})["load_universal"] = True
+    return universal
+
+
+def _convert_to_universal(checkpoint, universal):
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    tmp = temporary_name(universal)
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        ds_to_universal(argparse.Namespace(
+            input_folder=os.path.join(checkpoint, DEEPSPEED_TAG), output_folder=os.path.join(tmp, DEEPSPEED_TAG),
+            num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+            inject_missing_state=True))  # transformers models carry no universal_checkpoint_info of their own
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot convert {checkpoint} to DeepSpeed's universal format ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200] if str(e) else ''}): resume with "
+                        "the process count that saved it") from e
+    for name in os.listdir(checkpoint):  # accelerate's own files: RNG states, scheduler, trainer state
+        if os.path.isfile(os.path.join(checkpoint, name)) and name != "latest":
+            shutil.copy2(os.path.join(checkpoint, name), tmp)
+    publish(tmp, universal)
+
+
+def load_checkpoint(accelerator, checkpoint, state, samples_per_step, model=None):
     """Restore model, optimizer, scheduler and RNG states, refusing a run whose batch would shift the data."""
     if state["samples_per_step"] != samples_per_step:
         raise UserError(f"{checkpoint} was trained with {state['samples_per_step']} sequences per optimizer step, this "
                         f"run has {samples_per_step}, which would repeat or skip data: pass --global_batch_size "
                         f"{state['samples_per_step']}")
-    saved_by, running = state.get("num_processes", accelerator.num_processes), accelerator.num_processes
-    if saved_by != running:
-        if "DEEPSPEED" in (state.get("distributed_type"), accelerator.distributed_type.value):
-            raise UserError(f"{checkpoint} holds DeepSpeed state sharded over {saved_by} processes, this run has "
-                            f"{running}: resume with {saved_by} processes")
-        accelerator.print(f"notice: {checkpoint} was saved by {saved_by} processes, this run has {running}; the data "
-                          f"position ({state['step'] * state['samples_per_step']} sequences) carries over exactly")
     try:
         accelerator.load_state(checkpoint)
     except Exception as e:  # torch, safetensors and DeepSpeed each raise their own types for a damaged file
         raise UserError(f"checkpoint {checkpoint} is corrupt ({type(e).__name__}: {str(e).splitlines()[0][:200]}): "
                         "resume from an earlier one or start fresh") from e
+    if os.path.basename(checkpoint) == UNIVERSAL and getattr(model, "zero_optimization_stage", lambda: 0)() == 3:
+        _repair_zero3_universal_load(model.optimizer.optimizer, checkpoint)
     # load_state restores accelerate's micro-batch counter, counted under the saved run's accumulation
     # (2 processes x 1 saved at step 3 = 3, which 1 process x 2 would read as half-way through a step).
     # A checkpoint always sits on an optimizer-step boundary: the next micro-batch starts a new step.
     accelerator.step = 0
+
+
+def _repair_zero3_universal_load(optimizer, universal):
+    """Two bugs of DeepSpeed 0.19.8's ZeRO-3 universal load, undone: every parameter group gets the
+    first group's hyper-parameters (the no-decay group would decay), and all sub-groups share one
+    Adam `step` tensor (stepped once per group, so the bias correction runs ahead)."""
+    import torch
+
+    saved = torch.load(os.path.join(universal, DEEPSPEED_TAG, "zero", "optimizer_state.pt"),
+                       weights_only=False)["param_groups"]
+    for group, saved_group in zip(optimizer.param_groups, saved):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
+    for param_state in optimizer.state.values():
+        if torch.is_tensor(param_state.get("step")):
+            param_state["step"] = param_state["step"].clone()
 
 
 def remove_incomplete(output_dir):

@@ -107,6 +107,11 @@ def preflight(args, env=os.environ):
         plan.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 0)))
         # DeepSpeed clips inside its engine: hand it --max_grad_norm (accelerate would fill "auto" with 1.0)
         env["ACCELERATE_GRADIENT_CLIPPING"] = str(args.max_grad_norm)
+        # accelerate refuses mixed_precision in a YAML that names a ds_config file ("will be ignored"), but it
+        # is not ignored: it fills the ds_config's "auto" precision, and _check_deepspeed made sure they agree.
+        # So the shipped YAMLs state their precision next to the ds_config that holds the sharding settings.
+        fields = env.get("ACCELERATE_CONFIG_DS_FIELDS", "").split(",")
+        env["ACCELERATE_CONFIG_DS_FIELDS"] = ",".join(f for f in fields if f != "mixed_precision")
     # On CPU accelerate leaves DeepSpeed's backend unset and DeepSpeed then sees one process: name gloo.
     # Otherwise keep the dataclass default "nccl", which accelerate leaves out so it picks per device.
     backend = "gloo" if deepspeed and world_size > 1 and not torch.cuda.is_available() else "nccl"
