@@ -48,21 +48,33 @@ def corpus(tmp_path_factory):
     return path
 
 
-def launch(args, num_processes=1, config_file=None, extra_env=None, check=True, timeout=600, launch_args=()):
-    """`accelerate launch train.py ARGS` as a user would run it; returns the CompletedProcess."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(next(_ports)), *launch_args]
+def launch_command(args, num_processes=1, config_file=None, extra_env=None, launch_args=(), port=None):
+    """(command, environment) of `accelerate launch train.py ARGS` as a user would run it.
+    config_file: a file in accelerate_configs/ (or a path), run with --mixed_precision no on CPU;
+    fsdp.yaml goes through tests/cpu_fsdp.py, the test-only shim that makes FSDP2 run on CPU."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(port or next(_ports)),
+           *map(str, launch_args)]
     if config_file:  # a file in accelerate_configs/ or a path; the CPU stand-in for its GPU settings
         cmd += ["--config_file", str(ROOT / "accelerate_configs" / config_file), "--num_processes", str(num_processes)]
     elif num_processes > 1:
         cmd += ["--multi_gpu", "--num_processes", str(num_processes)]
     else:
         cmd += ["--cpu", "--num_processes", "1"]
-    cmd += ["--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no"]
+    if "--num_machines" not in cmd:
+        cmd += ["--num_machines", "1"]
+    cmd += ["--dynamo_backend", "no", "--mixed_precision", "no"]
+    if str(config_file).endswith("fsdp.yaml"):
+        cmd.append(str(ROOT / "tests" / "cpu_fsdp.py"))
     env = {**os.environ, **(extra_env or {})}
     if num_processes > 1 and not config_file:
         env["ACCELERATE_USE_CPU"] = "1"  # --multi_gpu alone would start independent, unsynced runs on CPU
-    result = subprocess.run(cmd + [str(ROOT / "train.py"), *map(str, args)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=timeout)
+    return cmd + [str(ROOT / "train.py"), *map(str, args)], env
+
+
+def launch(args, num_processes=1, config_file=None, extra_env=None, check=True, timeout=600, launch_args=()):
+    """`accelerate launch train.py ARGS` as a user would run it; returns the CompletedProcess."""
+    cmd, env = launch_command(args, num_processes, config_file, extra_env, launch_args)
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
