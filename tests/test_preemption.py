@@ -9,7 +9,6 @@ Run alone with `python -m pytest -m distributed`.
 
 import json
 import random
-import re
 import subprocess
 import time
 
@@ -102,8 +101,10 @@ def test_sigterm_to_every_process_saves_and_resumes(name, tmp_path, corpus, unin
     assert step > 10  # not the periodic checkpoint at 10: the one written on the signal
     assert (out / "checkpoints" / f"step_{step}" / "trainer_state.json").is_file()
     assert not list((out / "checkpoints").glob("*.tmp*"))
-    exit_codes = [int(c) for c in re.findall(r"exitcode\s*:\s*(-?\d+)", output)]
-    assert 75 in exit_codes or process.returncode == 75, output[-3000:]  # the workers exit 75 (EX_TEMPFAIL)
+    # The workers exit 75 after saving; torchrun's agent, signalled itself, then exits 1 with its own
+    # SignalException. No worker may have died on a second SIGTERM or crashed while saving.
+    assert f'File "{ROOT / "train.py"}"' not in output, output[-5000:]
+    assert "got signal: 15" in output or process.returncode == 75
 
     launch(args_for(corpus, out), num_processes=2, config_file=CONFIGS[name])
     assert_same_weights(out, uninterrupted(name))
