@@ -82,3 +82,16 @@ def test_saved_state_round_trips(tmp_path, accelerator):
     _, state = resolve_resume(str(tmp_path), path)
     assert (state["step"], state["save_index"]) == (3, 1)
     assert torch.load(os.path.join(path, "random_states_0.pkl"), weights_only=False)  # accelerate's RNG states
+
+
+def test_a_checkpoint_of_another_layout_is_refused_in_one_line(tmp_path, accelerator):
+    """A DeepSpeed checkpoint under a DDP / 1-process config (or FSDP under DeepSpeed) cannot load;
+    say so before the engine is built instead of reporting a 'corrupt' checkpoint."""
+    from utils.checkpoint import prepare_resume
+    from utils.config import UserError
+
+    state = dict(step=3, samples_per_step=8, num_processes=2, distributed_type="DEEPSPEED")
+    with pytest.raises(UserError, match="holds DeepSpeed ZeRO state and this run uses whole-model"):
+        prepare_resume(accelerator, str(tmp_path), state)
+    state["distributed_type"] = "MULTI_GPU"  # DDP on 2 processes: loads on 1 as it is
+    assert prepare_resume(accelerator, str(tmp_path), state) == str(tmp_path)

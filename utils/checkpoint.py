@@ -81,6 +81,11 @@ def prepare_resume(accelerator, checkpoint, state):
     are tied to the process count that wrote them: for another count, DeepSpeed's own converter
     (ds_to_universal) turns them into its universal format once, kept in CHECKPOINT/universal, and
     DeepSpeed is told to load that, which it reads only when its engine is built."""
+    running = accelerator.distributed_type.value
+    saved_as, running_as = _layout(state.get("distributed_type", running)), _layout(running)
+    if saved_as != running_as:
+        raise UserError(f"{checkpoint} holds {saved_as} state and this run uses {running_as}: resume with the "
+                        "kind of accelerate config that wrote it (the process count may differ)")
     saved_by = state.get("num_processes", accelerator.num_processes)
     if saved_by != accelerator.num_processes:
         accelerator.print(f"notice: {checkpoint} was saved by {saved_by} processes, this run has "
@@ -88,15 +93,17 @@ def prepare_resume(accelerator, checkpoint, state):
                           "sequences) and the optimizer state carry over exactly")
     if accelerator.state.deepspeed_plugin is None or saved_by == accelerator.num_processes:
         return checkpoint
-    if state.get("distributed_type") != "DEEPSPEED":
-        raise UserError(f"{checkpoint} was saved by a {state.get('distributed_type')} run and this run uses DeepSpeed: "
-                        "resume with the accelerate config that wrote it")
     universal = os.path.join(checkpoint, UNIVERSAL)
     if accelerator.is_main_process and not os.path.isdir(universal):
         _convert_to_universal(checkpoint, universal)
     accelerator.wait_for_everyone()
     accelerator.state.deepspeed_plugin.deepspeed_config.setdefault("checkpoint", {})["load_universal"] = True
     return universal
+
+
+def _layout(distributed_type):
+    """How a distributed type stores its checkpoint: DeepSpeed shards, FSDP DCP shards, or whole tensors."""
+    return {"DEEPSPEED": "DeepSpeed ZeRO", "FSDP": "FSDP"}.get(distributed_type, "whole-model (DDP / 1 process)")
 
 
 def _convert_to_universal(checkpoint, universal):
