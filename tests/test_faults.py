@@ -187,6 +187,8 @@ def test_fp16_overflow_at_a_tiny_scale_is_divergence():
 
     with pytest.raises(TrainingDiverged):
         fp16_steps([float("nan")] * 5, limit=3, init_scale=2.0)
+    guard, _, _ = fp16_steps([float("nan")] * 5, limit=0, init_scale=2.0)  # --max_nonfinite_steps 0: off
+    assert guard.total == 0
 
 
 def test_deepspeed_fp16_overflow_is_not_divergence():

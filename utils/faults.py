@@ -85,8 +85,8 @@ class NonFiniteGuard:
             optimizer.step()  # GradScaler: unscales, skips on inf/NaN, updates the scale
             if not optimizer.step_was_skipped:
                 return True
-            if self.scaler is not None and self.scaler.get_scale() < 1:
-                return False
+            if self.limit and self.scaler is not None and self.scaler.get_scale() < 1:
+                return False  # counted as non-finite (limit 0: the guard is off)
             self.loss_scale_skips += 1
             return True
         finite = self.is_finite(grad_norm)
