@@ -19,10 +19,12 @@ from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 
 from utils.checkpoint import load_checkpoint, prepare_resume, resolve_resume, save_checkpoint
-from utils.config import UserError, parse_args
+from utils.config import parse_args
+from utils.errors import run_cli
 from utils.data import build_dataloaders, load_raw_datasets, load_tokenizer, resolve_text_column, tokenize_and_pack
-from utils.faults import EXIT_DIVERGED, EXIT_PREEMPTED, NonFiniteGuard, StopSignal, TrainingDiverged
+from utils.faults import EXIT_PREEMPTED, NonFiniteGuard, StopSignal
 from utils.files import write_atomic
+from utils.generate import generate
 from utils.hub import push_to_hub, set_generation_ids, write_model_card
 from utils.metrics import (MetricsLog, WindowTimer, configure_trackers, device_peak_flops, peak_memory_gib,
                            perplexity, tracker_init_kwargs, trackers)
@@ -219,7 +221,9 @@ def main(argv=None):
     set_generation_ids(unwrapped, tokenizer)  # generation_config.json stops at EOS and pads with the tokenizer's ids
     unwrapped.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process,
                               save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
-    sample = generate_sample(unwrapped, tokenizer, args, accelerator, plan.sharded_parameters)
+    with accelerator.autocast():  # sharded parameters (ZeRO-3, FSDP): every process generates in lock-step
+        sample = generate(unwrapped, tokenizer, args.sample_prompt, args.sample_max_new_tokens, seed=args.seed,
+                          synced_gpus=plan.sharded_parameters)[0]
     if accelerator.is_main_process:
         tokenizer.save_pretrained(args.output_dir)
         results = dict(initial_eval_loss=initial_eval_loss, eval_loss=eval_loss, perplexity=perplexity(eval_loss),
@@ -237,31 +241,13 @@ def main(argv=None):
         if args.push_to_hub:
             print(f"uploaded to {push_to_hub(args.output_dir, args.hub_model_id or args.run_name)}")
     accelerator.end_training()  # last: it tears down the process group
-
-
-def generate_sample(model, tokenizer, args, accelerator, sharded):
-    """A short sampled continuation of --sample_prompt. Every process generates in lock-step
-    because sharded parameters (ZeRO-3, FSDP) are gathered collectively on each forward."""
-    torch.manual_seed(args.seed)
-    inputs = tokenizer(args.sample_prompt, return_tensors="pt").to(accelerator.device)
-    model.eval()
-    with torch.no_grad(), accelerator.autocast():
-        output = model.generate(**inputs, max_new_tokens=args.sample_max_new_tokens, do_sample=True, top_k=50,
-                                temperature=0.8, pad_token_id=tokenizer.pad_token_id, synced_gpus=sharded)
-    return tokenizer.decode(output[0], skip_special_tokens=True)
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except UserError as error:
-        if "--debug" in sys.argv:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(EXIT_DIVERGED if isinstance(error, TrainingDiverged) else 2)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    if accelerator.num_processes > 1:
         # Every file is written and the process group is gone. Skip the interpreter's teardown, where
         # DeepSpeed/gloo background threads sometimes abort a finished run ("terminate called ...").
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+if __name__ == "__main__":
+    run_cli(main)

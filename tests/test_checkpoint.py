@@ -88,7 +88,7 @@ def test_a_checkpoint_of_another_layout_is_refused_in_one_line(tmp_path, acceler
     """A DeepSpeed checkpoint under a DDP / 1-process config (or FSDP under DeepSpeed) cannot load;
     say so before the engine is built instead of reporting a 'corrupt' checkpoint."""
     from utils.checkpoint import prepare_resume
-    from utils.config import UserError
+    from utils.errors import UserError
 
     state = dict(step=3, samples_per_step=8, num_processes=2, distributed_type="DEEPSPEED")
     with pytest.raises(UserError, match="holds DeepSpeed ZeRO state and this run uses whole-model"):

@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from conftest import ROOT
-from utils.config import UserError, parse_args
+from utils.config import parse_args
+from utils.errors import UserError
 from utils.preflight import preflight
 
 

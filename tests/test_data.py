@@ -7,7 +7,7 @@ import pytest
 from accelerate import PartialState
 from datasets import Dataset, DatasetDict
 
-from utils.config import UserError
+from utils.errors import UserError
 from utils.data import ResumableSampler, load_tokenizer, tokenize_and_pack
 
 DOCS = [f"document {i} " + "word " * (i * 7 % 23) for i in range(200)]

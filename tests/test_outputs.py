@@ -1,5 +1,5 @@
 """What a run leaves behind: tracker logs, report, Hub-ready model folder; and the tools that read it
-(generation CLI, --eval_only, python -m utils.report). One shared tiny run keeps this file fast."""
+(generation CLI, --eval_only, python report.py). One shared tiny run keeps this file fast."""
 
 import json
 import math
@@ -14,7 +14,8 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import ROOT, TINY, launch, read_metrics, results
-from utils.config import UserError, parse_args
+from utils.config import parse_args
+from utils.errors import UserError
 
 RUN_NAME = "tiny-outputs"
 # What every tracker must receive under the same names (mfu because the run gives --peak_flops)
@@ -142,7 +143,7 @@ def test_report_on_an_unfinished_run(run, tmp_path):
     shutil.copy(run / "checkpoints" / "step_6" / "trainer_state.json", partial / "checkpoints" / "step_6")
     lines = [line for line in (run / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 8]
     (partial / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 9, "lo')
-    result = python("-m", "utils.report", partial)
+    result = python("report.py", partial)
     assert result.returncode == 0, result.stderr[-2000:]
     report = (partial / "report.md").read_text()
     assert "running or stopped (no results.json yet): step 8 of 12" in report
@@ -152,13 +153,13 @@ def test_report_on_an_unfinished_run(run, tmp_path):
     assert "preset 'tiny'" in report  # the config, from the checkpoint's trainer_state.json
     for plot in ("loss", "lr", "tokens_per_second"):
         assert_png(partial / "plots" / f"{plot}.png")
-    assert_one_line_error(python("-m", "utils.report", tmp_path / "missing"), "is not a directory")
+    assert_one_line_error(python("report.py", tmp_path / "missing"), "is not a directory")
 
 
 # --- Generation --------------------------------------------------------------------------------
 
 def test_generate_cli_samples_from_the_output_dir(run):
-    result = python("-m", "utils.generate", "--model", run, "--prompt", "The", "--max_new_tokens", 6,
+    result = python("generate.py", "--model", run, "--prompt", "The", "--max_new_tokens", 6,
                     "--num_samples", 2, "--seed", 3, "--top_p", 0.9)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
@@ -186,8 +187,8 @@ def test_generate_from_a_checkpoint_directory(run, tmp_path):
 
 
 def test_generate_bad_model_path_is_one_clear_error(tmp_path):
-    assert_one_line_error(python("-m", "utils.generate", "--model", tmp_path / "missing"), "does not exist")
-    assert_one_line_error(python("-m", "utils.generate", "--model", tmp_path), "holds no model")
+    assert_one_line_error(python("generate.py", "--model", tmp_path / "missing"), "does not exist")
+    assert_one_line_error(python("generate.py", "--model", tmp_path), "holds no model")
 
 
 # --- Evaluation only ---------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from conftest import TINY, launch, read_metrics, results, train_losses
 from datasets import Dataset, DatasetDict, load_dataset
 from transformers import AutoModelForCausalLM
 
-from utils.config import UserError
+from utils.errors import UserError
 from utils.data import document_encoder, load_raw_datasets, load_tokenizer, tokenize_and_pack
 from utils.stream import DOCUMENTS_PER_BATCH, StreamedBlocks, hold_out_validation
 

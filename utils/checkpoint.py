@@ -10,7 +10,7 @@ import os
 import re
 import shutil
 
-from utils.config import UserError
+from utils.errors import UserError
 from utils.files import publish, temporary_name
 
 STATE_FILE = "trainer_state.json"

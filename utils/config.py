@@ -9,13 +9,12 @@ import os
 
 import yaml
 
+from utils import errors
+from utils.errors import UserError
+
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 REPORT_TO = ("none", "tensorboard", "wandb", "all")
 LOCAL_DATA_EXTENSIONS = {"txt": "text", "json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet"}
-
-
-class UserError(Exception):
-    """Bad input from the user: train.py prints it as one line and exits without a traceback."""
 
 
 def build_parser():
@@ -101,6 +100,7 @@ def parse_args(argv=None):
     if recipe_path:
         parser.set_defaults(**load_recipe(recipe_path, parser))
     args = parser.parse_args(argv)
+    errors.show_tracebacks = args.debug  # from the command line or the recipe
     validate(args)
     args.run_name = args.run_name or os.path.basename(os.path.abspath(args.output_dir))
     return args

@@ -22,7 +22,8 @@ from huggingface_hub.constants import HF_HOME
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from utils.config import UserError, local_data_builder
+from utils.config import local_data_builder
+from utils.errors import UserError, first_line
 from utils.files import publish, temporary_name, write_atomic
 
 CACHE_ROOT = Path(HF_HOME) / "clm-train"
@@ -103,7 +104,7 @@ def _load_local(path, streaming=False):
         return load_dataset(builder, data_files=path, split="train", streaming=streaming, **kwargs)
     except Exception as e:  # pyarrow / datasets raise many types for unreadable files
         problem = _bad_json_line(path) if builder == "json" else None
-        raise UserError(f"cannot read {path}: {problem or _first_line(e)}") from e
+        raise UserError(f"cannot read {path}: {problem or first_line(e)}") from e
 
 
 def _bad_json_line(path):
@@ -118,11 +119,6 @@ def _bad_json_line(path):
             except ValueError as e:
                 return f"line {number} is not valid JSON ({e}): fix or remove that line"
     return None
-
-
-def _first_line(error):
-    cause = error.__cause__ or error
-    return (str(cause).strip().splitlines() or [type(cause).__name__])[0]
 
 
 def resolve_text_column(dataset, requested):

@@ -5,7 +5,7 @@ import signal
 
 import torch
 
-from utils.config import UserError
+from utils.errors import UserError
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request after saving; run the same command to continue
 EXIT_DIVERGED = 3
@@ -13,6 +13,8 @@ EXIT_DIVERGED = 3
 
 class TrainingDiverged(UserError):
     """Too many consecutive non-finite steps; the weights were left as they were before them."""
+
+    exit_code = EXIT_DIVERGED
 
 
 class StopSignal:

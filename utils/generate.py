@@ -1,7 +1,5 @@
-"""Sample text from a causal language model: a run's OUTPUT_DIR, one of its checkpoints, or any model.
-
-    python -m utils.generate --model output --prompt "The" --num_samples 3
-    python -m utils.generate --model output/checkpoints/step_500 --prompt "The" --temperature 0   # greedy
+"""Load a causal language model (a run's OUTPUT_DIR, one of its checkpoints, or any model) and sample
+from it: the library behind generate.py and the sample train.py prints at the end.
 
 A checkpoint written during training holds accelerate's model.safetensors but no config or
 tokenizer. Those come from the run's OUTPUT_DIR two levels up once the run has saved its model;
@@ -9,28 +7,13 @@ before that (a run still going, or stopped) they are rebuilt from the flags stor
 checkpoint's trainer_state.json, through train.py's own tokenizer and model code.
 """
 
-import argparse
 import os
-import sys
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, set_seed
 
 from utils.checkpoint import STATE_FILE, read_state
-from utils.config import UserError
-
-
-def build_parser():
-    p = argparse.ArgumentParser(description="Generate text with a causal language model.")
-    p.add_argument("--model", required=True, help="OUTPUT_DIR, OUTPUT_DIR/checkpoints/step_N, a model directory or Hub name")
-    p.add_argument("--prompt", default="The", help="text to continue ('' starts from the BOS token)")
-    p.add_argument("--max_new_tokens", type=int, default=50)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 picks the most likely token (greedy)")
-    p.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens; 0 disables")
-    p.add_argument("--top_p", type=float, default=1.0, help="sample among the most likely tokens holding this mass")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num_samples", type=int, default=1)
-    return p
+from utils.errors import UserError, first_line
 
 
 def load_model_and_tokenizer(path):
@@ -51,7 +34,7 @@ def _from_pretrained(name):
     try:
         return AutoModelForCausalLM.from_pretrained(name), AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load model {name!r} ({type(e).__name__}: {_first_line(e)}): pass a model "
+        raise UserError(f"cannot load model {name!r} ({type(e).__name__}: {first_line(e)}): pass a model "
                         "directory, a checkpoint directory, or a Hub name that is cached or reachable") from e
 
 
@@ -69,7 +52,7 @@ def _from_checkpoint(checkpoint):
         model = AutoModelForCausalLM.from_pretrained(checkpoint, config=config,
                                                      generation_config=GenerationConfig.from_model_config(config))
     except (OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"cannot load the weights of checkpoint {checkpoint} ({type(e).__name__}: {_first_line(e)}): "
+        raise UserError(f"cannot load the weights of checkpoint {checkpoint} ({type(e).__name__}: {first_line(e)}): "
                         "is it from this run?") from e
     return model, tokenizer
 
@@ -96,13 +79,11 @@ def _rebuild_from_flags(checkpoint):
                         f"failed ({e}); run from the directory training ran in, or wait for the run to save its model") from e
 
 
-def _first_line(error):
-    return (str(error).strip().splitlines() or [""])[0][:200]
-
-
 @torch.no_grad()
-def generate(model, tokenizer, prompt, max_new_tokens=50, temperature=0.8, top_k=50, top_p=1.0, seed=0, num_samples=1):
-    """`num_samples` continuations of `prompt` (prompt included), reproducible for a given seed."""
+def generate(model, tokenizer, prompt, max_new_tokens=50, temperature=0.8, top_k=50, top_p=1.0, seed=0, num_samples=1,
+             synced_gpus=False):
+    """`num_samples` continuations of `prompt` (prompt included), reproducible for a given seed.
+    synced_gpus: every process calls this in lock-step (sharded parameters are gathered on each forward)."""
     set_seed(seed)
     model.eval()
     if prompt:
@@ -115,32 +96,5 @@ def generate(model, tokenizer, prompt, max_new_tokens=50, temperature=0.8, top_k
         dict(do_sample=False, temperature=None, top_k=None, top_p=None)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
-                            pad_token_id=pad, **sampling)
+                            pad_token_id=pad, synced_gpus=synced_gpus, **sampling)
     return [tokenizer.decode(sequence, skip_special_tokens=True) for sequence in output]
-
-
-def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    for flag in ("max_new_tokens", "num_samples"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag} must be at least 1")
-    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
-        parser.error("--temperature and --top_k must be at least 0, --top_p in (0, 1]")
-    try:
-        model, tokenizer = load_model_and_tokenizer(args.model)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    model.to("cuda" if torch.cuda.is_available() else "cpu")
-    samples = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k,
-                       args.top_p, args.seed, args.num_samples)
-    for i, text in enumerate(samples):
-        if len(samples) > 1:
-            print(f"--- sample {i + 1} ---")
-        print(text)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

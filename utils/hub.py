@@ -11,7 +11,7 @@ import os
 import yaml
 from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
 
-from utils.config import UserError
+from utils.errors import UserError
 from utils.report import batch_math, config_table, describe_data, load_run, metrics_table, millions
 
 # Not uploaded: resumable training state (optimizer moments, RNG states; several times the model's

@@ -11,7 +11,7 @@ from contextlib import nullcontext
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
-from utils.config import UserError
+from utils.errors import UserError
 
 # Llama-style sizes. Parameter counts are for a 32k vocabulary (tiny/small use the trained 4k one).
 PRESETS = {

@@ -14,7 +14,7 @@ from datetime import timedelta
 import torch
 from accelerate.utils import InitProcessGroupKwargs
 
-from utils.config import UserError
+from utils.errors import UserError
 
 
 @dataclass

@@ -1,21 +1,19 @@
 """A one-page summary of a run, finished or still going: OUTPUT_DIR/report.md and its plots.
 
-    python -m utils.report OUTPUT_DIR
+    python report.py OUTPUT_DIR     (train.py writes it at the end of every run)
 
 It reads only what a run leaves on disk: metrics.jsonl (appended as the run goes), results.json
 (written at the end) and the run's flags (in results.json, else in the newest checkpoint's
 trainer_state.json), so it works on a finished run, a running one and one that was stopped.
 """
 
-import argparse
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 
 from utils.checkpoint import STATE_FILE, complete_checkpoints
-from utils.config import UserError
+from utils.errors import UserError
 from utils.files import publish, temporary_name, write_atomic
 from utils.metrics import perplexity, read_jsonl
 
@@ -282,20 +280,3 @@ def write_report(output_dir):
                   else "Generated at the end:", "", "> " + run.results["sample"].replace("\n", "\n> "), ""]
     path = os.path.join(output_dir, "report.md")
     return write_atomic(path, "\n".join(lines).rstrip() + "\n")
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Write OUTPUT_DIR/report.md and plots for a finished or running run.")
-    parser.add_argument("output_dir")
-    args = parser.parse_args(argv)
-    try:
-        path = write_report(args.output_dir)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

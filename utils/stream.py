@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from utils.config import UserError
+from utils.errors import UserError
 from utils.data import PackedBlocks, document_encoder
 
 DOCUMENTS_PER_BATCH = 256  # one call of the Rust tokenizer, which spreads a batch over its threads
