@@ -132,3 +132,35 @@ def test_shipped_deepspeed_configs_use_the_ds_configs(tmp_path, monkeypatch):
         plan = preflight(parse_args([]), env=env)
         assert env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] == str(ROOT / ds_file)
         assert plan.zero_stage == int(yaml_name.split("zero")[1][0]), yaml_name
+
+
+def test_every_flag_has_help():
+    from utils.config import build_parser
+
+    missing = [a.option_strings[0] for a in build_parser()._actions if a.option_strings and not a.help]
+    assert not missing, f"flags without help text: {missing}"
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "recipes").glob("*.yaml")))
+def test_shipped_recipes_parse(recipe):
+    args = parse_args(["--config", str(ROOT / "recipes" / recipe)])
+    assert args.config.endswith(recipe)
+
+
+def test_cpu_default_recipe_is_the_default_job():
+    recipe = vars(parse_args(["--config", str(ROOT / "recipes" / "cpu_default.yaml")]))
+    defaults = vars(parse_args([]))
+    assert {k: v for k, v in recipe.items() if k != "config"} == {k: v for k, v in defaults.items() if k != "config"}
+
+
+def test_debug_from_a_recipe_shows_tracebacks(tmp_path):
+    """--debug used to be read from sys.argv, so a recipe's `debug: true` was ignored."""
+    from utils import errors
+
+    try:
+        parse_args(["--config", write(tmp_path / "r.yaml", "debug: true\n")])
+        assert errors.show_tracebacks
+        parse_args([])
+        assert not errors.show_tracebacks
+    finally:
+        errors.show_tracebacks = False

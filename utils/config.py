@@ -24,15 +24,17 @@ def build_parser():
     add("--config", help="YAML recipe with any of these flags as keys; command-line flags win")
     # Data
     add("--dataset_name", help="Hub dataset name (default: the embedded offline corpus)")
-    add("--dataset_config_name")
+    add("--dataset_config_name", help="the Hub dataset's configuration (subset) name")
     add("--train_file", help="local .txt/.json/.jsonl/.csv/.parquet file")
-    add("--validation_file")
+    add("--validation_file", help="local validation file, same formats as --train_file (default: hold out part of train)")
     add("--validation_split_percentage", type=int, default=5,
         help="percent of train held out for validation when there is no validation split")
-    add("--text_column", default="text")
+    add("--text_column", default="text", help="column holding the text (a single string column is found by itself)")
     add("--block_size", type=int, default=128, help="tokens per training sequence")
-    add("--preprocessing_num_workers", type=int, default=None)
-    add("--dataloader_num_workers", type=int, default=0)
+    add("--preprocessing_num_workers", type=int, default=None,
+        help="processes for tokenizing (default: one, whose Rust tokenizer uses every core)")
+    add("--dataloader_num_workers", type=int, default=0,
+        help="background processes that load batches (0: the training process)")
     add("--streaming", action="store_true",
         help="read, tokenize and pack the data on the fly (corpora too large to tokenize up front); "
              "needs --max_train_steps")
@@ -48,37 +50,41 @@ def build_parser():
     add("--tokenizer_name", help="tokenizer (Hub name or local directory); default: the model's, else trained here")
     add("--model_preset", default="small", help="named Llama-style size, see utils/model.py PRESETS")
     # Optimization
-    add("--per_device_train_batch_size", type=int, default=16)
-    add("--per_device_eval_batch_size", type=int, default=16)
-    add("--gradient_accumulation_steps", type=int, default=1)
+    add("--per_device_train_batch_size", type=int, default=16,
+        help="sequences per process per forward pass (the micro-batch)")
+    add("--per_device_eval_batch_size", type=int, default=16, help="sequences per process per evaluation forward pass")
+    add("--gradient_accumulation_steps", type=int, default=1,
+        help="micro-batches per optimizer step (or let --global_batch_size derive it)")
     add("--global_batch_size", type=int, default=None,
         help="sequences per optimizer step; derives gradient accumulation from micro-batch x processes")
-    add("--learning_rate", type=float, default=3e-3)
-    add("--weight_decay", type=float, default=0.1)
-    add("--adam_beta1", type=float, default=0.9)
-    add("--adam_beta2", type=float, default=0.95)
+    add("--learning_rate", type=float, default=3e-3, help="peak learning rate of AdamW, reached after warmup")
+    add("--weight_decay", type=float, default=0.1, help="AdamW decoupled weight decay, on weight matrices only")
+    add("--adam_beta1", type=float, default=0.9, help="AdamW beta1")
+    add("--adam_beta2", type=float, default=0.95, help="AdamW beta2")
     add("--lr_scheduler_type", default="cosine", choices=SCHEDULERS,
         help="after --num_warmup_steps: decay to 0 (linear), to min_lr_ratio (cosine), or stay; "
              "'constant' has no warmup, 'constant_with_warmup' has")
-    add("--num_warmup_steps", type=int, default=20)
+    add("--num_warmup_steps", type=int, default=20, help="optimizer steps of linear warmup to --learning_rate")
     add("--min_lr_ratio", type=float, default=0.1, help="cosine decays to learning_rate x this")
-    add("--num_train_epochs", type=int, default=3)
+    add("--num_train_epochs", type=int, default=3,
+        help="passes over the training data, unless --max_train_steps is given")
     add("--max_train_steps", type=int, default=None, help="optimizer steps; overrides num_train_epochs")
     add("--max_grad_norm", type=float, default=1.0, help="gradient clipping; 0 disables")
-    add("--seed", type=int, default=42)
+    add("--seed", type=int, default=42, help="seed for the initial weights, the data order and sampling")
     # Loop, checkpoints, output
-    add("--output_dir", default="output")
+    add("--output_dir", default="output", help="where the model, metrics, report and checkpoints go")
     add("--eval_steps", type=int, default=100, help="evaluate every N optimizer steps (always at start and end)")
-    add("--logging_steps", type=int, default=10)
+    add("--logging_steps", type=int, default=10, help="log loss, lr, tokens/s, MFU and memory every N optimizer steps")
     add("--checkpointing_steps", type=int, default=None, help="save a resumable checkpoint every N steps")
     add("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
     add("--resume_from_checkpoint", help="checkpoint directory, or 'latest' in OUTPUT_DIR/checkpoints")
-    add("--report_to", default="none", choices=REPORT_TO)
+    add("--report_to", default="none", choices=REPORT_TO,
+        help="trackers besides metrics.jsonl: TensorBoard, wandb, both (all) or none")
     add("--project_name", default="clm-training", help="wandb project")
     add("--run_name", help="wandb run name and TensorBoard sub-directory (default: the output directory's name)")
     add("--peak_flops", type=float, default=None, help="device peak FLOP/s for MFU when not in the built-in table")
     add("--sample_prompt", default="The", help="prompt for the sample generated at the end")
-    add("--sample_max_new_tokens", type=int, default=40)
+    add("--sample_max_new_tokens", type=int, default=40, help="length of the sample generated at the end")
     add("--max_nonfinite_steps", type=int, default=3,
         help="stop after this many consecutive optimizer steps with inf/NaN loss or gradients (each is skipped); "
              "0 turns the check and its once-per-step host sync off")
