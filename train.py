@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from utils.checkpoint import load_checkpoint, prepare_resume, resolve_resume, save_checkpoint
+from utils.checkpoint import Checkpointer
 from utils.config import parse_args
 from utils.errors import run_cli
 from utils.data import build_dataloaders, load_raw_datasets, load_tokenizer, resolve_text_column, tokenize_and_pack
@@ -26,8 +26,8 @@ from utils.faults import EXIT_PREEMPTED, NonFiniteGuard, StopSignal
 from utils.files import write_atomic
 from utils.generate import generate
 from utils.hub import push_to_hub, set_generation_ids, write_model_card
-from utils.metrics import (MetricsLog, WindowTimer, configure_trackers, device_peak_flops, peak_memory_gib,
-                           perplexity, tracker_init_kwargs, trackers)
+from utils.metrics import (TrainingMetrics, configure_trackers, device_peak_flops, perplexity, tracker_init_kwargs,
+                           trackers)
 from utils.model import build_model, load_base_config, model_config, parameter_count, training_flops_per_token
 from utils.optim import build_optimizer, build_scheduler
 from utils.preflight import preflight
@@ -65,7 +65,8 @@ def main(argv=None):
     # ---- Setup: everything that can fail on bad input fails here, before any expensive work ----
     args = parse_args(argv)
     plan = preflight(args)  # reconciles flags with the accelerate / DeepSpeed config files
-    resume_from, resume_state = resolve_resume(args.output_dir, args.resume_from_checkpoint)
+    checkpointer = Checkpointer(args.output_dir, args.checkpointing_steps, args.checkpoints_total_limit,
+                                resume=args.resume_from_checkpoint)  # a bad --resume_from_checkpoint fails here
     base_config = load_base_config(args)
     configure_trackers(args)
     accelerator = Accelerator(gradient_accumulation_steps=plan.gradient_accumulation_steps,
@@ -91,7 +92,6 @@ def main(argv=None):
     train_dataloader, eval_dataloader, train_order = build_dataloaders(blocks, args, samples_per_step)
     steps_per_epoch = None if args.streaming else train_order.usable // samples_per_step
     max_steps = args.max_train_steps or (steps_per_epoch or 0) * args.num_train_epochs  # 0: --eval_only of a stream
-    tokens_per_step = samples_per_step * args.block_size
 
     # ---- Model and optimizer ----
     set_seed(args.seed)  # right before init: the weights depend on the seed alone, whatever ran before
@@ -102,8 +102,7 @@ def main(argv=None):
     flops_per_token = training_flops_per_token(model, args.block_size)  # before sharding hides parameters
     n_params = parameter_count(model)
     optimizer = build_optimizer(model, args)
-    # another process count under DeepSpeed: converted to its universal format, before prepare builds the engine
-    load_from = prepare_resume(accelerator, resume_from, resume_state) if resume_from else None
+    checkpointer.before_prepare(accelerator)  # another process count under DeepSpeed: its universal format
     model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader)
     lr_scheduler = build_scheduler(optimizer, args, max_steps)
@@ -115,50 +114,29 @@ def main(argv=None):
         return evaluate_only(model, eval_dataloader, accelerator, args, len(blocks["validation"]))
 
     # ---- Resume or start ----
-    step, initial_eval_loss, epoch, samples_in_epoch = 0, None, 0, 0
-    if resume_from:
-        load_checkpoint(accelerator, load_from, resume_state, samples_per_step, model)
-        step, initial_eval_loss, epoch = resume_state["step"], resume_state["initial_eval_loss"], resume_state["epoch"]
-        position = resume_state["data_position"]
-        if position["epoch_complete"]:  # saved after an epoch's last step
-            epoch += 1
-        else:
-            samples_in_epoch = position["samples_into_epoch"]
-            train_order.start_at(position)  # exact, and nothing before it is read again
-        accelerator.print(f"resumed from {resume_from} at step {step}")
-    elif args.resume_from_checkpoint:
-        accelerator.print(f"no checkpoint in {args.output_dir}/checkpoints yet: starting fresh")
-    metrics = MetricsLog(accelerator, args.output_dir, keep_through_step=step if resume_from else None)
+    state = checkpointer.restore(accelerator, model, train_order, samples_per_step, vars(args))
+    metrics = TrainingMetrics(accelerator, args.output_dir, args.logging_steps, samples_per_step * args.block_size,
+                              flops_per_token, device_peak_flops(accelerator.device, args.peak_flops),
+                              resumed_at=state.step if checkpointer.resume_from else None)
     accelerator.init_trackers(args.project_name, config=plan.tracker_config(args), init_kwargs=tracker_init_kwargs(args))
-    if initial_eval_loss is None:
-        initial_eval_loss = evaluate(model, eval_dataloader, accelerator)
-        metrics.log(0, eval_loss=initial_eval_loss, perplexity=perplexity(initial_eval_loss))
-        accelerator.print(f"step 0: eval loss {initial_eval_loss:.4f}, perplexity {perplexity(initial_eval_loss):.1f}")
-
-    peak_flops = device_peak_flops(accelerator.device, args.peak_flops)
-    progress = tqdm(total=max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="training",
-                    file=sys.stdout)  # stderr stays for warnings and errors
-    loss_sum = torch.zeros((), device=accelerator.device)  # summed on device; read only when logging
-    timer, stop = WindowTimer(), StopSignal()
+    if state.initial_eval_loss is None:
+        state.initial_eval_loss = evaluate(model, eval_dataloader, accelerator)
+        metrics.eval_done(0, state.initial_eval_loss)
+        accelerator.print(f"step 0: eval loss {state.initial_eval_loss:.4f}, "
+                          f"perplexity {perplexity(state.initial_eval_loss):.1f}")
+    progress = tqdm(total=max_steps, initial=state.step, disable=not accelerator.is_local_main_process,
+                    desc="training", file=sys.stdout)  # stderr stays for warnings and errors
+    stop = StopSignal()
     nonfinite = NonFiniteGuard(args.max_nonfinite_steps, loss_scaling=accelerator.mixed_precision == "fp16",
                                scaler=accelerator.scaler)
-    window_steps, run_steps, eval_loss = 0, 0, None
-
-    def checkpoint():
-        return save_checkpoint(accelerator, args.output_dir, dict(
-            step=step, epoch=epoch, samples_seen=step * samples_per_step,
-            # only the main process reads a stream (accelerate dispatches its batches), so only it knows where
-            data_position=train_order.position(samples_in_epoch) if accelerator.is_main_process else None,
-            samples_per_step=samples_per_step, initial_eval_loss=initial_eval_loss, config=vars(args),
-            num_processes=accelerator.num_processes, distributed_type=accelerator.distributed_type.value),
-            args.checkpoints_total_limit)
+    eval_loss = None
 
     # ---- Training loop ----
     model.train()
-    while step < max_steps:
-        train_dataloader.set_epoch(epoch)
+    while state.step < max_steps:
+        train_dataloader.set_epoch(state.epoch)
         for batch in train_dataloader:
-            timer.batch_arrived()
+            metrics.batch_arrived()
             with accelerator.accumulate(model):
                 loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
                 accelerator.backward(loss)
@@ -166,56 +144,47 @@ def main(argv=None):
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
                     finite = nonfinite.step(optimizer, grad_norm)  # skips a non-finite update; fp16: the scaler does
                 optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-            timer.batch_done()
+            metrics.micro_batch_done(loss)
             if not accelerator.sync_gradients:
                 continue
             lr_scheduler.step()
-            step += 1
-            samples_in_epoch += samples_per_step
-            window_steps += 1
-            run_steps += 1
+            state.step_done(samples_per_step)
             progress.update(1)
-            nonfinite.record(finite, step)
+            nonfinite.record(finite, state.step)
+            logged = metrics.step_done(state.step, max_steps, lr=lr_scheduler.get_last_lr()[0], grad_norm=grad_norm,
+                                       nonfinite_steps=nonfinite.total,
+                                       loss_scale_skips=nonfinite.loss_scale_skips or None, epoch=state.epoch)
+            if logged:
+                progress.set_postfix(loss=f"{logged[0]:.3f}", tok_s=f"{logged[1]:.0f}")
 
-            if step % args.logging_steps == 0 or step == max_steps:
-                micro_batches = window_steps * accelerator.gradient_accumulation_steps  # equal sizes: mean of means
-                mean_loss = (accelerator.reduce(loss_sum, "mean") / micro_batches).item()
-                elapsed, data_wait_pct = timer.close_window()
-                tokens_per_second = window_steps * tokens_per_step / elapsed
-                metrics.log(step, loss=mean_loss, lr=lr_scheduler.get_last_lr()[0],
-                            grad_norm=None if grad_norm is None else float(grad_norm),
-                            tokens_per_second=tokens_per_second,
-                            mfu=peak_flops and flops_per_token * tokens_per_second / (peak_flops * accelerator.num_processes),
-                            peak_memory_gib=peak_memory_gib(accelerator), data_wait_pct=data_wait_pct,
-                            nonfinite_steps=nonfinite.total, loss_scale_skips=nonfinite.loss_scale_skips or None,
-                            epoch=epoch)
-                progress.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tokens_per_second:.0f}")
-                loss_sum.zero_()
-                window_steps = 0
-
-            with timer.paused():  # evaluation and saving are not training time
-                if (args.eval_steps and step % args.eval_steps == 0) or step == max_steps:
+            with metrics.paused():  # evaluation and saving are not training time
+                if (args.eval_steps and state.step % args.eval_steps == 0) or state.step == max_steps:
                     eval_loss = evaluate(model, eval_dataloader, accelerator)
-                    metrics.log(step, eval_loss=eval_loss, perplexity=perplexity(eval_loss))
-                    progress.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.1f}")
-                saved = checkpoint() if args.checkpointing_steps and step % args.checkpointing_steps == 0 else None
+                    metrics.eval_done(state.step, eval_loss)
+                    progress.write(f"step {state.step}: eval loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.1f}")
+                saved = checkpointer.save(state) if checkpointer.due(state.step) else None
             if stop.agreed(accelerator):  # preemption / Ctrl-C: keep this step, then exit
-                path = saved or checkpoint()
-                accelerator.print(f"{stop.received or 'stop signal'} received: saved {path} after step {step}; "
+                path = saved or checkpointer.save(state)
+                accelerator.print(f"{stop.received or 'stop signal'} received: saved {path} after step {state.step}; "
                                   "run the same command with --resume_from_checkpoint latest to continue")
                 stop.close()
                 accelerator.end_training()
                 sys.exit(EXIT_PREEMPTED)
-            if step >= max_steps:
+            if state.step >= max_steps:
                 break
-        epoch, samples_in_epoch = epoch + 1, 0
+        state.epoch_done()
     progress.close()
     stop.close()
 
-    # ---- Save a Hugging Face model, report, and show a sample ----
     if eval_loss is None:  # resumed at the end: nothing was trained in this run
         eval_loss = evaluate(model, eval_dataloader, accelerator)
+    finish(model, tokenizer, accelerator, args, plan, state, eval_loss,
+           dict(train_tokens=state.step * samples_per_step * args.block_size, **metrics.summary(),
+                nonfinite_steps=nonfinite.total, parameters=n_params))
+
+
+def finish(model, tokenizer, accelerator, args, plan, state, eval_loss, run_facts):
+    """Save a Hugging Face model, results.json, the model card and report, and show a sample."""
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
     set_generation_ids(unwrapped, tokenizer)  # generation_config.json stops at EOS and pads with the tokenizer's ids
@@ -226,15 +195,13 @@ def main(argv=None):
                           synced_gpus=plan.sharded_parameters)[0]
     if accelerator.is_main_process:
         tokenizer.save_pretrained(args.output_dir)
-        results = dict(initial_eval_loss=initial_eval_loss, eval_loss=eval_loss, perplexity=perplexity(eval_loss),
-                       initial_perplexity=perplexity(initial_eval_loss), steps=step,
-                       train_tokens=step * tokens_per_step,
-                       tokens_per_second=run_steps * tokens_per_step / timer.train_seconds if run_steps else None,
-                       train_seconds=timer.train_seconds, nonfinite_steps=nonfinite.total, parameters=n_params,
+        initial = state.initial_eval_loss
+        results = dict(initial_eval_loss=initial, eval_loss=eval_loss, perplexity=perplexity(eval_loss),
+                       initial_perplexity=perplexity(initial), steps=state.step, **run_facts,
                        sample=sample, **plan.record(accelerator), config=vars(args))
         write_atomic(os.path.join(args.output_dir, "results.json"), json.dumps(results, indent=2))
-        print(f"eval perplexity {perplexity(initial_eval_loss):.1f} -> {perplexity(eval_loss):.1f} "
-              f"({perplexity(initial_eval_loss - eval_loss):.1f}x lower); model saved to {args.output_dir}")
+        print(f"eval perplexity {perplexity(initial):.1f} -> {perplexity(eval_loss):.1f} "
+              f"({perplexity(initial - eval_loss):.1f}x lower); model saved to {args.output_dir}")
         print(f"sample: {sample}")
         write_model_card(args.output_dir)  # README.md: the model card of OUTPUT_DIR as a Hub repository
         print(f"report: {write_report(args.output_dir)}")

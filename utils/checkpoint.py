@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+from dataclasses import dataclass
 
 from utils.errors import UserError
 from utils.files import publish, temporary_name
@@ -192,3 +193,68 @@ def save_checkpoint(accelerator, output_dir, state, total_limit=None):
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+@dataclass
+class TrainState:
+    """Where a run stands: a checkpoint saves it whole, a resume restores it whole."""
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    samples_in_epoch: int = 0  # sequences of this epoch already trained on (the data position)
+    initial_eval_loss: float | None = None
+
+    def step_done(self, samples_per_step):
+        self.step += 1
+        self.samples_in_epoch += samples_per_step
+
+    def epoch_done(self):
+        self.epoch, self.samples_in_epoch = self.epoch + 1, 0
+
+
+class Checkpointer:
+    """The run's checkpoints: it resolves the one to resume from before any work (a bad path fails at
+    once), converts it for another layout before `accelerator.prepare`, restores it after, decides
+    when to save (every `every` steps, or on demand) and rotates old ones."""
+
+    def __init__(self, output_dir, every=None, total_limit=None, resume=None):
+        self.output_dir, self.every, self.total_limit, self.requested = output_dir, every, total_limit, resume
+        self.resume_from, self.resume_state = resolve_resume(output_dir, resume)
+        self._load_from = None
+
+    def before_prepare(self, accelerator):
+        if self.resume_from:
+            self._load_from = prepare_resume(accelerator, self.resume_from, self.resume_state)
+
+    def restore(self, accelerator, model, train_order, samples_per_step, config):
+        """The TrainState to start from (restored, or fresh); remembers what later saves record."""
+        self.accelerator, self.train_order, self.samples_per_step, self.config = (accelerator, train_order,
+                                                                                   samples_per_step, config)
+        if not self.resume_from:
+            if self.requested:
+                accelerator.print(f"no checkpoint in {checkpoints_dir(self.output_dir)} yet: starting fresh")
+            return TrainState()
+        load_checkpoint(accelerator, self._load_from, self.resume_state, samples_per_step, model)
+        saved = self.resume_state
+        state = TrainState(step=saved["step"], epoch=saved["epoch"], initial_eval_loss=saved["initial_eval_loss"])
+        position = saved["data_position"]
+        if position["epoch_complete"]:  # saved after an epoch's last step
+            state.epoch += 1
+        else:
+            state.samples_in_epoch = position["samples_into_epoch"]
+            train_order.start_at(position)  # exact, and nothing before it is read again
+        accelerator.print(f"resumed from {self.resume_from} at step {state.step}")
+        return state
+
+    def due(self, step):
+        return bool(self.every) and step % self.every == 0
+
+    def save(self, state):
+        """Save `state` with the model, optimizer, scheduler and RNG states; call on every process."""
+        accelerator = self.accelerator
+        return save_checkpoint(accelerator, self.output_dir, dict(
+            step=state.step, epoch=state.epoch, samples_seen=state.step * self.samples_per_step,
+            # only the main process reads a stream (accelerate dispatches its batches), so only it knows where
+            data_position=self.train_order.position(state.samples_in_epoch) if accelerator.is_main_process else None,
+            samples_per_step=self.samples_per_step, initial_eval_loss=state.initial_eval_loss, config=self.config,
+            num_processes=accelerator.num_processes, distributed_type=accelerator.distributed_type.value),
+            self.total_limit)

@@ -145,3 +145,58 @@ class WindowTimer:
         self.train_seconds += elapsed
         self.window_start, self.data_wait = now, 0.0
         return elapsed, 100 * wait / elapsed
+
+
+class TrainingMetrics:
+    """The metrics that matter, measured and logged by one component: mean training loss, lr, grad
+    norm, tokens/s, MFU, peak memory and data wait, every `logging_steps` optimizer steps (and at
+    the last), plus evaluations. Evaluation and saving run inside `paused()`: not training time."""
+
+    def __init__(self, accelerator, output_dir, logging_steps, tokens_per_step, flops_per_token, peak_flops,
+                 resumed_at=None):
+        self.accelerator, self.logging_steps, self.tokens_per_step = accelerator, logging_steps, tokens_per_step
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.log = MetricsLog(accelerator, output_dir, keep_through_step=resumed_at)
+        self.timer = WindowTimer()
+        self.loss_sum = torch.zeros((), device=accelerator.device)  # summed on device; read only when logging
+        self.window_steps = self.run_steps = 0
+
+    def batch_arrived(self):
+        self.timer.batch_arrived()
+
+    def micro_batch_done(self, loss):
+        self.loss_sum += loss.detach()
+        self.timer.batch_done()
+
+    def step_done(self, step, last_step, **values):
+        """Count an optimizer step; at a logging step, log the window's means with `values` and
+        return (mean loss, tokens/s), else None."""
+        self.window_steps += 1
+        self.run_steps += 1
+        if step % self.logging_steps and step != last_step:
+            return None
+        accelerator = self.accelerator
+        micro_batches = self.window_steps * accelerator.gradient_accumulation_steps  # equal sizes: mean of means
+        mean_loss = (accelerator.reduce(self.loss_sum, "mean") / micro_batches).item()
+        elapsed, data_wait_pct = self.timer.close_window()
+        tokens_per_second = self.window_steps * self.tokens_per_step / elapsed
+        mfu = self.peak_flops and self.flops_per_token * tokens_per_second / (self.peak_flops * accelerator.num_processes)
+        grad_norm = values.pop("grad_norm", None)
+        self.log.log(step, loss=mean_loss, lr=values.pop("lr", None),
+                     grad_norm=None if grad_norm is None else float(grad_norm), tokens_per_second=tokens_per_second,
+                     mfu=mfu, peak_memory_gib=peak_memory_gib(accelerator), data_wait_pct=data_wait_pct, **values)
+        self.loss_sum.zero_()
+        self.window_steps = 0
+        return mean_loss, tokens_per_second
+
+    def eval_done(self, step, eval_loss):
+        self.log.log(step, eval_loss=eval_loss, perplexity=perplexity(eval_loss))
+
+    def paused(self):
+        return self.timer.paused()
+
+    def summary(self):
+        """For results.json: training time and mean tokens/s of this process's run (resumes excluded)."""
+        seconds = self.timer.train_seconds
+        return dict(tokens_per_second=self.run_steps * self.tokens_per_step / seconds if self.run_steps else None,
+                    train_seconds=seconds)
