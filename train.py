@@ -30,7 +30,7 @@ from utils.metrics import (TrainingMetrics, configure_trackers, device_peak_flop
                            trackers)
 from utils.model import build_model, load_base_config, model_config, parameter_count, training_flops_per_token
 from utils.optim import build_optimizer, build_scheduler
-from utils.preflight import preflight
+from utils.distributed import preflight
 from utils.report import write_report
 from utils.stream import stream_blocks
 

@@ -24,9 +24,9 @@ sys.path.insert(0, os.path.dirname(script))
 PartialState(backend="gloo")  # creates the process group; accelerate would pick none on CPU
 PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU  # so Accelerator turns it into FSDP
 
-import utils.preflight as preflight_module  # noqa: E402  (after the state above, before train.py imports it)
+import utils.distributed as distributed  # noqa: E402  (after the state above, before train.py imports it)
 
-_product_preflight = preflight_module.preflight
+_product_preflight = distributed.preflight
 
 
 def preflight(args, env=os.environ):
@@ -40,5 +40,5 @@ def preflight(args, env=os.environ):
     return plan
 
 
-preflight_module.preflight = preflight
+distributed.preflight = preflight
 runpy.run_path(script, run_name="__main__")

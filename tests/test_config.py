@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT
 from utils.config import parse_args
 from utils.errors import UserError
-from utils.preflight import preflight
+from utils.distributed import preflight
 
 
 def write(path, text):

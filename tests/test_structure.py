@@ -1,7 +1,6 @@
 """The shape of the code: scripts at the top, library modules in utils/, no import cycles."""
 
 import ast
-from pathlib import Path
 
 from conftest import ROOT
 

@@ -1,8 +1,11 @@
-"""Preflight: reconcile the flags with the accelerate and DeepSpeed config files before any work.
+"""The distributed plan: processes, micro-batch, accumulation, sharding and precision, reconciled
+with the accelerate and DeepSpeed config files before any work, and applied to this process.
 
 `accelerate launch` passes its config to the script as ACCELERATE_* environment variables; the
 ds_config is a JSON file. Conflicts between them stop here with one line naming both sides,
-instead of a DeepSpeed assertion deep in a traceback or a silent override.
+instead of a DeepSpeed assertion deep in a traceback or a silent override. Every change the plan
+makes to the environment or to torch's global state is in `_apply`, with its reason; the changes
+that need the Accelerator (the DeepSpeed micro-batch) are in `Plan.apply`.
 """
 
 import contextlib
@@ -85,26 +88,50 @@ class Plan:
 
 
 def preflight(args, env=os.environ):
+    """The distributed plan for this process: checked against the flags and both config files (a
+    conflict stops here, in one line), then applied to this process's environment (`_apply`)."""
     world_size = int(env.get("WORLD_SIZE", 1))
     micro = args.per_device_train_batch_size
     deepspeed = env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    fsdp = env.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     ds_file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none") if deepspeed else "none"
-    if ds_file != "none":
-        # the shipped accelerate configs name ds_configs/*.json relative to the repository root:
-        # find it from any working directory, and hand accelerate the path that exists
-        ds_file = _existing_path(ds_file)
-        env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = ds_file
+    ds_file = _existing_path(ds_file) if ds_file != "none" else ds_file
     ds_config = _read_ds_config(ds_file) if ds_file != "none" else {}
     mixed = env.get("ACCELERATE_MIXED_PRECISION", "no")
-
     accumulation = _gradient_accumulation(args, world_size, env, ds_config, ds_file)
-    env["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] = str(accumulation)  # accelerate lets this override its argument
-
     plan = Plan(world_size=world_size, micro_batch=micro, block_size=args.block_size,
                 gradient_accumulation_steps=accumulation)
     if deepspeed:
         _check_deepspeed(args, ds_config, ds_file, mixed, micro * accumulation * world_size)
         plan.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 0)))
+    plan.sharded_parameters = plan.zero_stage == 3 or fsdp
+    if not torch.cuda.is_available():
+        if fsdp:
+            raise UserError("the FSDP config needs GPUs (on CPU accelerate silently trains without sharding): "
+                            "use accelerate_configs/multi_cpu.yaml or a DeepSpeed config on CPU")
+        if mixed == "fp16":
+            raise UserError("mixed_precision fp16 needs a GPU (on CPU accelerate silently runs fp32): "
+                            "use 'no' or bf16 in the accelerate config")
+    # On CPU accelerate leaves DeepSpeed's backend unset and DeepSpeed then sees one process: name gloo.
+    # Otherwise keep the dataclass default "nccl", which accelerate leaves out so it picks per device.
+    backend = "gloo" if deepspeed and world_size > 1 and not torch.cuda.is_available() else "nccl"
+    plan.kwargs_handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=args.ddp_timeout)))
+    _apply(plan, args, env, deepspeed, ds_file)
+    return plan
+
+
+def _apply(plan, args, env, deepspeed, ds_file):
+    """Every change this run makes to its environment or to torch's global state, each with its reason.
+
+    `accelerate launch` hands its config to the script as ACCELERATE_* variables, which
+    `Accelerator()` reads: these are set before it is created."""
+    # accelerate lets this variable override Accelerator(gradient_accumulation_steps=...): make it the planned one
+    env["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] = str(plan.gradient_accumulation_steps)
+    if ds_file != "none":
+        # the shipped accelerate configs name ds_configs/*.json relative to the repository root:
+        # hand accelerate the path that exists, from any working directory
+        env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = ds_file
+    if deepspeed:
         # DeepSpeed clips inside its engine: hand it --max_grad_norm (accelerate would fill "auto" with 1.0)
         env["ACCELERATE_GRADIENT_CLIPPING"] = str(args.max_grad_norm)
         # accelerate refuses mixed_precision in a YAML that names a ds_config file ("will be ignored"), but it
@@ -112,26 +139,13 @@ def preflight(args, env=os.environ):
         # So the shipped YAMLs state their precision next to the ds_config that holds the sharding settings.
         fields = env.get("ACCELERATE_CONFIG_DS_FIELDS", "").split(",")
         env["ACCELERATE_CONFIG_DS_FIELDS"] = ",".join(f for f in fields if f != "mixed_precision")
-    # On CPU accelerate leaves DeepSpeed's backend unset and DeepSpeed then sees one process: name gloo.
-    # Otherwise keep the dataclass default "nccl", which accelerate leaves out so it picks per device.
-    backend = "gloo" if deepspeed and world_size > 1 and not torch.cuda.is_available() else "nccl"
-    plan.kwargs_handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=args.ddp_timeout)))
-    fsdp = env.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    plan.sharded_parameters = plan.zero_stage == 3 or fsdp
     if not torch.cuda.is_available():
-        if fsdp:
-            raise UserError("the FSDP config needs GPUs (on CPU accelerate silently trains without sharding): "
-                            "use accelerate_configs/multi_cpu.yaml or a DeepSpeed config on CPU")
-        if world_size > 1 and not deepspeed:
+        if plan.world_size > 1 and not deepspeed:
             # accelerate's multi-GPU launcher ignores use_cpu: without this every process would train alone
             env["ACCELERATE_USE_CPU"] = "true"
         if env.get("OMP_NUM_THREADS") == "1":
             # `accelerate launch` without --cpu pins every process to one thread: share the cores instead
             torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(env.get("LOCAL_WORLD_SIZE", 1))))
-        if mixed == "fp16":
-            raise UserError("mixed_precision fp16 needs a GPU (on CPU accelerate silently runs fp32): "
-                            "use 'no' or bf16 in the accelerate config")
-    return plan
 
 
 def _existing_path(path):
