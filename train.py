@@ -90,7 +90,7 @@ def main(argv=None):
         blocks = tokenize_and_pack(raw, text_column, tokenizer, args, accelerator)
     samples_per_step = plan.samples_per_step(accelerator)
     train_dataloader, eval_dataloader, train_order = build_dataloaders(blocks, args, samples_per_step)
-    steps_per_epoch = None if args.streaming else train_order.usable // samples_per_step
+    steps_per_epoch = train_order.steps_per_epoch  # None for a stream
     max_steps = args.max_train_steps or (steps_per_epoch or 0) * args.num_train_epochs  # 0: --eval_only of a stream
 
     # ---- Model and optimizer ----

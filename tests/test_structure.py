@@ -42,3 +42,15 @@ def test_scripts_at_the_top_library_in_utils():
     assert {"train.py", "generate.py", "report.py"} <= set(SCRIPTS)
     for name, path in MODULES.items():
         assert '__name__ == "__main__"' not in path.read_text(), f"{name} is a script: move it to the top level"
+
+
+def test_sampler_and_stream_offer_one_train_order_interface():
+    """The loop and the checkpointer never ask which one they have."""
+    from utils.data import ResumableSampler, TrainOrder
+    from utils.stream import StreamedBlocks
+
+    for cls in (ResumableSampler, StreamedBlocks):
+        for method in ("set_epoch", "position", "start_at"):
+            assert callable(getattr(cls, method, None)), f"{cls.__name__} lacks {method}()"
+    assert ResumableSampler(10, 4, seed=0).steps_per_epoch == 2
+    assert set(TrainOrder.__annotations__) == {"steps_per_epoch"}

@@ -14,6 +14,7 @@ import random
 import signal
 import sysconfig
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -271,6 +272,20 @@ def _write_token_stream(tokenized, path, dtype):
 
 # --- Loaders --------------------------------------------------------------------------------
 
+class TrainOrder(Protocol):
+    """What the training loop and a checkpoint ask of the order of training blocks, whether it comes
+    from the on-disk sampler (ResumableSampler) or from a stream (utils/stream.py StreamedBlocks).
+    A position is global (counted for all processes), so it survives a change of process count."""
+
+    steps_per_epoch: int | None  # None: a stream's length is unknown until it has been read
+
+    def set_epoch(self, epoch): ...
+
+    def position(self, samples_into_epoch) -> dict: ...  # what a checkpoint stores
+
+    def start_at(self, position): ...  # continue exactly there, reading nothing before it again
+
+
 class ResumableSampler(Sampler):
     """A shuffle fixed by (seed, epoch), cut to whole optimizer steps, that can start mid-epoch.
 
@@ -281,6 +296,7 @@ class ResumableSampler(Sampler):
     def __init__(self, num_samples, samples_per_step, seed):
         self.num_samples, self.seed, self.epoch, self.skip = num_samples, seed, 0, 0
         self.usable = num_samples // samples_per_step * samples_per_step
+        self.steps_per_epoch = self.usable // samples_per_step
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -308,7 +324,7 @@ def _ignore_sigterm(worker_id):
 
 
 def build_dataloaders(blocks, args, samples_per_step):
-    """(train loader, validation loader, the train order: what a checkpoint asks for the data position)."""
+    """(train loader, validation loader, the TrainOrder: where the data stands, for the loop and checkpoints)."""
     common = {"num_workers": args.dataloader_num_workers, "pin_memory": torch.cuda.is_available(),
               "worker_init_fn": _ignore_sigterm if args.dataloader_num_workers else None}
     evaluation = DataLoader(blocks["validation"], sampler=SequentialSampler(blocks["validation"]),

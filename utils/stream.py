@@ -82,6 +82,7 @@ class StreamedBlocks(IterableDataset):
         """Make windows and epochs whole optimizer steps of `samples_per_step` blocks."""
         self.samples_per_step = samples_per_step
         self.window = math.ceil(max(self.window_blocks, 1) / samples_per_step) * samples_per_step
+        self.steps_per_epoch = None  # unknown until the stream has been read (utils/data.py TrainOrder)
         return self
 
     def set_epoch(self, epoch):
