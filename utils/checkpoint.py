@@ -1,8 +1,11 @@
-"""Resumable checkpoints that are either complete or absent.
+"""Resumable checkpoints that are either complete or absent, and the run state they carry.
 
 `accelerator.save_state` writes model, optimizer, scheduler and every process's RNG states into
-`checkpoints/step_N.tmp`; the main process then adds `trainer_state.json` (step, data position,
-run config) and renames the directory to `step_N`. A directory named `step_N` is complete.
+`checkpoints/step_N.tmp`; the main process then adds `trainer_state.json` (the TrainState, data
+position, run config, process count and layout), fsyncs it all and renames the directory to
+`step_N`. A directory named `step_N` is complete. A resume on another number of processes
+reshards: DDP and FSDP2 checkpoints as they load, DeepSpeed's through its universal format
+(`prepare_resume`). `Checkpointer` is what train.py talks to.
 """
 
 import json
@@ -112,8 +115,10 @@ def _convert_to_universal(checkpoint, universal):
 
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
+    for name in os.listdir(checkpoint):  # left by a conversion that was killed
+        if name.startswith(UNIVERSAL + ".tmp"):
+            shutil.rmtree(os.path.join(checkpoint, name), ignore_errors=True)
     tmp = temporary_name(universal)
-    shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:
         ds_to_universal(argparse.Namespace(
