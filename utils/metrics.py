@@ -168,9 +168,9 @@ class TrainingMetrics:
         self.loss_sum += loss.detach()
         self.timer.batch_done()
 
-    def step_done(self, step, last_step, **values):
-        """Count an optimizer step; at a logging step, log the window's means with `values` and
-        return (mean loss, tokens/s), else None."""
+    def step_done(self, step, last_step, lr, grad_norm, **counters):
+        """Count an optimizer step; at a logging step, log the window's means with lr, grad norm and
+        `counters`, and return (mean loss, tokens/s), else None."""
         self.window_steps += 1
         self.run_steps += 1
         if step % self.logging_steps and step != last_step:
@@ -181,10 +181,9 @@ class TrainingMetrics:
         elapsed, data_wait_pct = self.timer.close_window()
         tokens_per_second = self.window_steps * self.tokens_per_step / elapsed
         mfu = self.peak_flops and self.flops_per_token * tokens_per_second / (self.peak_flops * accelerator.num_processes)
-        grad_norm = values.pop("grad_norm", None)
-        self.log.log(step, loss=mean_loss, lr=values.pop("lr", None),
-                     grad_norm=None if grad_norm is None else float(grad_norm), tokens_per_second=tokens_per_second,
-                     mfu=mfu, peak_memory_gib=peak_memory_gib(accelerator), data_wait_pct=data_wait_pct, **values)
+        self.log.log(step, loss=mean_loss, lr=lr, grad_norm=None if grad_norm is None else float(grad_norm),
+                     tokens_per_second=tokens_per_second, mfu=mfu, peak_memory_gib=peak_memory_gib(accelerator),
+                     data_wait_pct=data_wait_pct, **counters)
         self.loss_sum.zero_()
         self.window_steps = 0
         return mean_loss, tokens_per_second

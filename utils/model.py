@@ -84,8 +84,7 @@ def initialize_by_name(model, seed):
         import deepspeed
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     for name, module in reversed(list(model.named_modules())):
-        params = [p for p in module.parameters(recurse=False)]
-        params += [p for child in module.children() for p in child.parameters(recurse=False)]
+        params = _direct_and_child_params(module)  # a parent's rule may re-initialize its children's weights
         if not params:
             continue
         gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=0) if zero3 else nullcontext()
@@ -96,7 +95,7 @@ def initialize_by_name(model, seed):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little"))
                 model._init_weights(twin)
-            for real, fresh in zip(_direct_and_child_params(module), _direct_and_child_params(twin)):
+            for real, fresh in zip(params, _direct_and_child_params(twin)):
                 touched = ~torch.isnan(fresh)  # NaN: left alone by this module's rule
                 if touched.all():
                     real.copy_(fresh)
