@@ -21,13 +21,12 @@ from tqdm.auto import tqdm
 from utils.checkpoint import Checkpointer
 from utils.config import parse_args
 from utils.errors import run_cli
-from utils.data import build_dataloaders, load_raw_datasets, load_tokenizer, resolve_text_column, tokenize_and_pack
+from utils.data import IGNORE_INDEX, build_dataloaders, load_raw_datasets, load_tokenizer, resolve_text_column, tokenize_and_pack
 from utils.faults import EXIT_PREEMPTED, NonFiniteGuard, StopSignal
 from utils.files import write_atomic
 from utils.generate import generate
 from utils.hub import push_to_hub, set_generation_ids, write_model_card
-from utils.metrics import (TrainingMetrics, configure_trackers, device_peak_flops, perplexity, tracker_init_kwargs,
-                           trackers)
+from utils.metrics import TrainingMetrics, device_peak_flops, perplexity, tracker_init_kwargs, trackers
 from utils.model import build_model, load_base_config, model_config, parameter_count, training_flops_per_token
 from utils.optim import build_optimizer, build_scheduler
 from utils.distributed import preflight
@@ -37,16 +36,17 @@ from utils.stream import stream_blocks
 
 @torch.no_grad()
 def evaluate(model, eval_dataloader, accelerator):
-    """Mean token loss over the whole validation split, each block counted once across processes."""
+    """Mean loss per predicted token over the whole validation split, each block counted once across processes."""
     model.eval()
-    losses = []
+    sums, counts = [], []
     for batch in eval_dataloader:
-        ids = batch["input_ids"]
-        logits = model(input_ids=ids).logits
-        token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
-        losses.append(accelerator.gather_for_metrics(token_loss.view(ids.shape[0], -1).mean(dim=1)))
+        labels = batch.pop("labels")[:, 1:]  # token t+1 is predicted at position t
+        logits = model(**batch, use_cache=False).logits
+        token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), reduction="none")
+        sums.append(accelerator.gather_for_metrics(token_loss.view(labels.shape).sum(dim=1)))
+        counts.append(accelerator.gather_for_metrics((labels != IGNORE_INDEX).sum(dim=1)))
     model.train()
-    return torch.cat(losses).mean().item()
+    return (torch.cat(sums).sum() / torch.cat(counts).sum()).item()
 
 
 def evaluate_only(model, eval_dataloader, accelerator, args, eval_blocks):
@@ -62,50 +62,27 @@ def evaluate_only(model, eval_dataloader, accelerator, args, eval_blocks):
 
 
 def main(argv=None):
-    # ---- Setup: everything that can fail on bad input fails here, before any expensive work ----
     args = parse_args(argv)
-    plan = preflight(args)  # reconciles flags with the accelerate / DeepSpeed config files
-    checkpointer = Checkpointer(args.output_dir, args.checkpointing_steps, args.checkpoints_total_limit,
-                                resume=args.resume_from_checkpoint)  # a bad --resume_from_checkpoint fails here
-    base_config = load_base_config(args)
-    configure_trackers(args)
-    accelerator = Accelerator(gradient_accumulation_steps=plan.gradient_accumulation_steps,
-                              log_with=trackers(args),
-                              project_dir=args.output_dir, kwargs_handlers=plan.kwargs_handlers,
-                              dynamo_backend="inductor" if args.torch_compile else None,  # None: the config's
-                              dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()))
-    plan.apply(accelerator)
-    accelerator.print(plan.describe(accelerator))
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
+    accelerator, plan, checkpointer, base_config = setup(args)
+    samples_per_step = plan.samples_per_step(accelerator)
 
     # ---- Data: load, tokenize once (cached), pack into blocks ----
-    raw = load_raw_datasets(args)
-    text_column = resolve_text_column(raw["train"], args.text_column)
-    tokenizer = load_tokenizer(args, raw["train"], text_column, accelerator)
-    config = model_config(args, base_config, tokenizer)
-    if args.streaming:  # tokenized and packed on the fly while training; only validation blocks are made now
-        blocks = stream_blocks(raw, text_column, tokenizer, args)
-    else:
-        blocks = tokenize_and_pack(raw, text_column, tokenizer, args, accelerator)
-    samples_per_step = plan.samples_per_step(accelerator)
-    train_dataloader, eval_dataloader, train_order = build_dataloaders(blocks, args, samples_per_step)
+    tokenizer, config, blocks, train_dataloader, eval_dataloader, train_order = load_data(args, accelerator, base_config,
+                                                                                          samples_per_step)
     steps_per_epoch = train_order.steps_per_epoch  # None for a stream
     max_steps = args.max_train_steps or (steps_per_epoch or 0) * args.num_train_epochs  # 0: --eval_only of a stream
 
     # ---- Model and optimizer ----
-    set_seed(args.seed)  # right before init: the weights depend on the seed alone, whatever ran before
-    with plan.model_init_context(accelerator):
-        model = build_model(args, config)
-    if args.gradient_checkpointing:  # recompute each layer's activations in backward: less memory, ~30% more compute
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    set_seed(args.seed)
+    with plan.model_init_context(accelerator):  # ZeRO-3: each process builds only its shard
+        model = build_model(config, args.model_name_or_path, args.seed, args.gradient_checkpointing)
     flops_per_token = training_flops_per_token(model, args.block_size)  # before sharding hides parameters
     n_params = parameter_count(model)
-    optimizer = build_optimizer(model, args)
+    optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, (args.adam_beta1, args.adam_beta2))
     checkpointer.before_prepare(accelerator)  # another process count under DeepSpeed: its universal format
     model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader)
-    lr_scheduler = build_scheduler(optimizer, args, max_steps)
+    lr_scheduler = build_scheduler(optimizer, args.lr_scheduler_type, args.num_warmup_steps, max_steps, args.min_lr_ratio)
     accelerator.register_for_checkpointing(lr_scheduler)
     train_size = f"{len(blocks['train'])} train blocks ({steps_per_epoch} steps/epoch)" if steps_per_epoch else "streamed"
     accelerator.print(f"model: {n_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs/token | data: "
@@ -114,16 +91,15 @@ def main(argv=None):
         return evaluate_only(model, eval_dataloader, accelerator, args, len(blocks["validation"]))
 
     # ---- Resume or start ----
-    state = checkpointer.restore(accelerator, model, train_order, samples_per_step, vars(args))
+    state = checkpointer.restore(accelerator, model, train_order, samples_per_step, vars(args), (config, tokenizer))
     metrics = TrainingMetrics(accelerator, args.output_dir, args.logging_steps, samples_per_step * args.block_size,
                               flops_per_token, device_peak_flops(accelerator.device, args.peak_flops),
                               resumed_at=state.step if checkpointer.resume_from else None)
-    accelerator.init_trackers(args.project_name, config=plan.tracker_config(args), init_kwargs=tracker_init_kwargs(args))
+    accelerator.init_trackers(args.project_name, config=plan.tracker_config(args),
+                              init_kwargs=tracker_init_kwargs(args.output_dir, args.run_name))
     if state.initial_eval_loss is None:
         state.initial_eval_loss = evaluate(model, eval_dataloader, accelerator)
         metrics.eval_done(0, state.initial_eval_loss)
-        accelerator.print(f"step 0: eval loss {state.initial_eval_loss:.4f}, "
-                          f"perplexity {perplexity(state.initial_eval_loss):.1f}")
     progress = tqdm(total=max_steps, initial=state.step, disable=not accelerator.is_local_main_process,
                     desc="training", file=sys.stdout)  # stderr stays for warnings and errors
     stop = StopSignal()
@@ -138,7 +114,7 @@ def main(argv=None):
         for batch in train_dataloader:
             metrics.batch_arrived()
             with accelerator.accumulate(model):
-                loss = model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+                loss = model(**batch, use_cache=False).loss  # input_ids, labels (and position_ids: document masking)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:  # clip to inf = just measure the norm
                     grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
@@ -161,15 +137,9 @@ def main(argv=None):
                 if (args.eval_steps and state.step % args.eval_steps == 0) or state.step == max_steps:
                     eval_loss = evaluate(model, eval_dataloader, accelerator)
                     metrics.eval_done(state.step, eval_loss)
-                    progress.write(f"step {state.step}: eval loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.1f}")
                 saved = checkpointer.save(state) if checkpointer.due(state.step) else None
             if stop.agreed(accelerator):  # preemption / Ctrl-C: keep this step, then exit
-                path = saved or checkpointer.save(state)
-                accelerator.print(f"{stop.received or 'stop signal'} received: saved {path} after step {state.step}; "
-                                  "run the same command with --resume_from_checkpoint latest to continue")
-                stop.close()
-                accelerator.end_training()
-                sys.exit(EXIT_PREEMPTED)
+                save_and_exit(accelerator, checkpointer, state, saved, stop)
             if state.step >= max_steps:
                 break
         state.epoch_done()
@@ -181,6 +151,49 @@ def main(argv=None):
     finish(model, tokenizer, accelerator, args, plan, state, eval_loss,
            dict(train_tokens=state.step * samples_per_step * args.block_size, **metrics.summary(),
                 nonfinite_steps=nonfinite.total, parameters=n_params))
+
+
+def setup(args):
+    """Everything that can fail on bad input fails here, before any expensive work; then the Accelerator."""
+    plan = preflight(args)  # reconciles flags with the accelerate / DeepSpeed config files
+    checkpointer = Checkpointer(args.output_dir, args.checkpointing_steps, args.checkpoints_total_limit,
+                                resume=args.resume_from_checkpoint)  # a bad --resume_from_checkpoint fails here
+    base_config = load_base_config(args)  # a bad model name fails here
+    accelerator = Accelerator(gradient_accumulation_steps=plan.gradient_accumulation_steps,
+                              log_with=trackers(args.report_to, args.output_dir, args.run_name),
+                              project_dir=args.output_dir, kwargs_handlers=plan.kwargs_handlers,
+                              dynamo_backend="inductor" if args.torch_compile else None,  # None: the config's
+                              dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()))
+    plan.apply(accelerator)
+    accelerator.print(plan.describe(accelerator))
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    return accelerator, plan, checkpointer, base_config
+
+
+def load_data(args, accelerator, base_config, samples_per_step):
+    """(tokenizer, the model config that embeds it, blocks, train loader, validation loader, the TrainOrder)."""
+    raw = load_raw_datasets(args)
+    text_column = resolve_text_column(raw["train"], args.text_column)
+    tokenizer = load_tokenizer(args, raw["train"], text_column, accelerator)
+    config = model_config(args, base_config, tokenizer)  # a tokenizer the model cannot embed fails before tokenizing
+    if args.streaming:  # tokenized and packed on the fly while training; only validation blocks are made now
+        blocks = stream_blocks(raw, text_column, tokenizer, args)
+    else:
+        blocks = tokenize_and_pack(raw, text_column, tokenizer, args, accelerator)
+    masking = tokenizer.eos_token_id if args.document_masking else None
+    return tokenizer, config, blocks, *build_dataloaders(blocks, args, samples_per_step, document_masking_eos=masking)
+
+
+def save_and_exit(accelerator, checkpointer, state, saved, stop):
+    """Preemption or Ctrl-C, agreed by every process: keep the step just done (`saved` if the regular
+    schedule saved it already) and exit with EXIT_PREEMPTED, which asks a scheduler to requeue."""
+    path = saved or checkpointer.save(state)
+    accelerator.print(f"{stop.received or 'stop signal'} received: saved {path} after step {state.step}; "
+                      "run the same command with --resume_from_checkpoint latest to continue")
+    stop.close()
+    accelerator.end_training()
+    sys.exit(EXIT_PREEMPTED)
 
 
 def finish(model, tokenizer, accelerator, args, plan, state, eval_loss, run_facts):

@@ -46,7 +46,7 @@ def data_and_model(args):
     raw = load_raw_datasets(targs)
     tokenizer = load_tokenizer(targs, raw["train"], "text", PartialState())
     blocks = tokenize_and_pack(raw, "text", tokenizer, targs, PartialState())["train"]
-    return blocks, build_model(targs, model_config(targs, None, tokenizer))
+    return blocks, build_model(model_config(targs, None, tokenizer), seed=targs.seed)
 
 
 def bare_loop(args):

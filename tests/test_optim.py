@@ -1,6 +1,5 @@
 """Learning-rate schedules and AdamW parameter groups."""
 
-import argparse
 
 import pytest
 import torch
@@ -57,10 +56,8 @@ def test_warmup_rises_to_peak_then_schedule(kind):
 
 def test_scheduler_steps_once_per_call():
     model = tiny_llama()
-    args = argparse.Namespace(learning_rate=1e-2, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
-                              lr_scheduler_type="linear", num_warmup_steps=2, min_lr_ratio=0.0)
-    optimizer = build_optimizer(model, args)
-    scheduler = build_scheduler(optimizer, args, total_steps=10)
+    optimizer = build_optimizer(model, lr=1e-2, weight_decay=0.1, betas=(0.9, 0.95))
+    scheduler = build_scheduler(optimizer, "linear", warmup_steps=2, total_steps=10, min_lr_ratio=0.0)
     seen = []
     for _ in range(4):
         seen.append(optimizer.param_groups[0]["lr"])

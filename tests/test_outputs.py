@@ -169,8 +169,8 @@ def test_generate_cli_samples_from_the_output_dir(run):
 
 
 def test_generate_from_a_checkpoint_directory(run, tmp_path):
-    """step_12 holds only accelerate's model.safetensors: config and tokenizer come from the run two
-    levels up, or, for a checkpoint on its own, are rebuilt from its trainer_state.json flags."""
+    """A checkpoint carries accelerate's model.safetensors with the model's config.json and tokenizer,
+    so it loads on its own (copied elsewhere) as well as in its run."""
     from utils.generate import generate, load_model_and_tokenizer
 
     def greedy(model_dir):
@@ -180,6 +180,7 @@ def test_generate_from_a_checkpoint_directory(run, tmp_path):
     assert final[0].startswith("The") and len(final[0]) > 3
     assert greedy(run / "checkpoints" / "step_12") == final  # the last checkpoint has the final weights
     alone = shutil.copytree(run / "checkpoints" / "step_12", tmp_path / "step_12")
+    assert (alone / "config.json").is_file() and (alone / "tokenizer.json").is_file()
     assert greedy(alone) == final
     model, tokenizer = load_model_and_tokenizer(str(run / "checkpoints" / "step_6"))
     sampled = generate(model, tokenizer, "The", max_new_tokens=8, seed=5, num_samples=2)

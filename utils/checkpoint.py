@@ -2,7 +2,7 @@
 
 `accelerator.save_state` writes model, optimizer, scheduler and every process's RNG states into
 `checkpoints/step_N.tmp`; the main process then adds `trainer_state.json` (the TrainState, data
-position, run config, process count and layout), fsyncs it all and renames the directory to
+position, run config, process count and layout) with the model's config.json and tokenizer, fsyncs it all and renames the directory to
 `step_N`. A directory named `step_N` is complete. A resume on another number of processes
 reshards: DDP and FSDP2 checkpoints as they load, DeepSpeed's through its universal format
 (`prepare_resume`). `Checkpointer` is what train.py talks to.
@@ -178,8 +178,10 @@ def remove_incomplete(output_dir):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def save_checkpoint(accelerator, output_dir, state, total_limit=None):
-    """Save a checkpoint for optimizer step state['step'] and rotate old ones; call on every process."""
+def save_checkpoint(accelerator, output_dir, state, total_limit=None, model_files=()):
+    """Save a checkpoint for optimizer step state['step'] and rotate old ones; call on every process.
+    model_files: objects with `save_pretrained` (the model config, the tokenizer) saved beside the
+    weights, so tools load a checkpoint on its own (generate.py)."""
     final = os.path.join(checkpoints_dir(output_dir), f"step_{state['step']}")
     tmp = final + ".tmp"
     if accelerator.is_main_process:
@@ -192,6 +194,8 @@ def save_checkpoint(accelerator, output_dir, state, total_limit=None):
     if accelerator.is_main_process:
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
             json.dump(state, f, indent=2)
+        for item in model_files:
+            item.save_pretrained(tmp)
         publish(tmp, final)  # fsyncs every file of the checkpoint, then renames
         if total_limit:  # the oldest saved go; the one just written is the newest and always stays
             for old in complete_checkpoints(output_dir)[:-total_limit]:
@@ -230,10 +234,11 @@ class Checkpointer:
         if self.resume_from:
             self._load_from = prepare_resume(accelerator, self.resume_from, self.resume_state)
 
-    def restore(self, accelerator, model, train_order, samples_per_step, config):
-        """The TrainState to start from (restored, or fresh); remembers what later saves record."""
-        self.accelerator, self.train_order, self.samples_per_step, self.config = (accelerator, train_order,
-                                                                                   samples_per_step, config)
+    def restore(self, accelerator, model, train_order, samples_per_step, run_config, model_files=()):
+        """The TrainState to start from (restored, or fresh); remembers what later saves record:
+        run_config (the flags), and model_files saved with each checkpoint (model config, tokenizer)."""
+        self.accelerator, self.train_order, self.samples_per_step = accelerator, train_order, samples_per_step
+        self.run_config, self.model_files = run_config, model_files
         if not self.resume_from:
             if self.requested:
                 accelerator.print(f"no checkpoint in {checkpoints_dir(self.output_dir)} yet: starting fresh")
@@ -260,6 +265,6 @@ class Checkpointer:
             step=state.step, epoch=state.epoch, samples_seen=state.step * self.samples_per_step,
             # only the main process reads a stream (accelerate dispatches its batches), so only it knows where
             data_position=self.train_order.position(state.samples_in_epoch) if accelerator.is_main_process else None,
-            samples_per_step=self.samples_per_step, initial_eval_loss=state.initial_eval_loss, config=self.config,
+            samples_per_step=self.samples_per_step, initial_eval_loss=state.initial_eval_loss, config=self.run_config,
             num_processes=accelerator.num_processes, distributed_type=accelerator.distributed_type.value),
-            self.total_limit)
+            self.total_limit, self.model_files)

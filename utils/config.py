@@ -41,6 +41,9 @@ def build_parser():
     add("--stream_shuffle_blocks", type=int, default=1024,
         help="with --streaming: shuffle blocks within windows of this many (rounded up to whole optimizer steps); "
              "a resume re-reads one window; 1 keeps the stream's order")
+    add("--document_masking", action="store_true",
+        help="tokens attend only within their own document inside a packed block (position ids restart at each "
+             "document, and its first token is not predicted from the document before it)")
     add("--max_eval_samples", type=int, default=None,
         help="evaluate on the first N validation blocks (default: all; with --streaming, 512)")
     add("--vocab_size", type=int, default=4096, help="size of a tokenizer trained here when none is given")
@@ -48,7 +51,9 @@ def build_parser():
     add("--model_name_or_path", help="pretrained model (Hub name or local directory) to continue training")
     add("--config_name", help="model config (Hub name or local directory) to train from scratch")
     add("--tokenizer_name", help="tokenizer (Hub name or local directory); default: the model's, else trained here")
-    add("--model_preset", default="small", help="named Llama-style size, see utils/model.py PRESETS")
+    add("--model_preset", default="small",
+        help="named size: Llama-style tiny, small, 125m, 350m, 1b or GPT-2 gpt2-tiny, gpt2, gpt2-medium, gpt2-large, "
+             "gpt2-xl (utils/model.py)")
     # Optimization
     add("--per_device_train_batch_size", type=int, default=16,
         help="sequences per process per forward pass (the micro-batch)")

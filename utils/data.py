@@ -30,6 +30,7 @@ from utils.files import publish, temporary_name, write_atomic
 CACHE_ROOT = Path(HF_HOME) / "clm-train"
 EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_STREAM_DOCUMENTS = 10_000  # a tokenizer trained for --streaming learns from the first documents
+IGNORE_INDEX = -100  # a label the loss leaves out (transformers' and torch's convention)
 
 
 # --- The embedded default corpus: English text that ships with every Python install ---------
@@ -317,21 +318,45 @@ class ResumableSampler(Sampler):
         return self.usable - self.skip
 
 
+class Collate:
+    """Stacks blocks into the model's inputs: input_ids and labels (the model shifts them). With
+    `document_masking_eos` (documents are joined by that EOS id), tokens attend only within their own
+    document: position ids restart after each EOS, so transformers builds a block-diagonal causal mask
+    for packed sequences (sdpa, flash and flex attention alike; the model class is untouched), and a
+    document's first token is not predicted from the document before it (its label is ignored)."""
+
+    def __init__(self, document_masking_eos=None):
+        self.eos = document_masking_eos
+
+    def __call__(self, items):
+        input_ids = torch.stack([item["input_ids"] for item in items])
+        if self.eos is None:
+            return {"input_ids": input_ids, "labels": input_ids}
+        starts = torch.zeros_like(input_ids, dtype=torch.bool)
+        starts[:, 1:] = input_ids[:, :-1] == self.eos  # the token after an EOS starts a document
+        index = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+        position_ids = index - torch.where(starts, index, 0).cummax(dim=1).values
+        return {"input_ids": input_ids, "labels": input_ids.masked_fill(starts, IGNORE_INDEX),
+                "position_ids": position_ids}
+
+
 def _ignore_sigterm(worker_id):
     """SLURM signals every process of a job step, loader workers included, and a worker that dies
     makes the trainer raise before it can save: the trainer handles SIGTERM, its workers ignore it."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def build_dataloaders(blocks, args, samples_per_step):
+def build_dataloaders(blocks, args, samples_per_step, document_masking_eos=None):
     """(train loader, validation loader, the TrainOrder: where the data stands, for the loop and checkpoints)."""
     common = {"num_workers": args.dataloader_num_workers, "pin_memory": torch.cuda.is_available(),
-              "worker_init_fn": _ignore_sigterm if args.dataloader_num_workers else None}
+              "worker_init_fn": _ignore_sigterm if args.dataloader_num_workers else None,
+              "collate_fn": Collate(document_masking_eos)}
     evaluation = DataLoader(blocks["validation"], sampler=SequentialSampler(blocks["validation"]),
                             batch_size=args.per_device_eval_batch_size, **common)
     if not isinstance(blocks["train"], PackedBlocks):  # a stream (utils/stream.py) orders its own blocks
         train_order = blocks["train"].cut_to_steps(samples_per_step)
-        train = DataLoader(train_order, batch_size=args.per_device_train_batch_size, pin_memory=common["pin_memory"])
+        train = DataLoader(train_order, batch_size=args.per_device_train_batch_size, pin_memory=common["pin_memory"],
+                           collate_fn=common["collate_fn"])
         return train, evaluation, train_order
     train_order = ResumableSampler(len(blocks["train"]), samples_per_step, args.seed)
     if train_order.usable == 0:

@@ -1,10 +1,8 @@
 """Load a causal language model (a run's OUTPUT_DIR, one of its checkpoints, or any model) and sample
 from it: the library behind generate.py and the sample train.py prints at the end.
 
-A checkpoint written during training holds accelerate's model.safetensors but no config or
-tokenizer. Those come from the run's OUTPUT_DIR two levels up once the run has saved its model;
-before that (a run still going, or stopped) they are rebuilt from the flags stored in the
-checkpoint's trainer_state.json, through train.py's own tokenizer and model code.
+A checkpoint written during training holds accelerate's model.safetensors with the model's
+config.json and tokenizer, so it loads on its own, while the run is still going or after it stopped.
 """
 
 import os
@@ -12,16 +10,16 @@ import os
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, set_seed
 
-from utils.checkpoint import STATE_FILE, read_state
+from utils.checkpoint import STATE_FILE
 from utils.errors import UserError, first_line
 
 
 def load_model_and_tokenizer(path):
     """(model, tokenizer) from a model directory, a training checkpoint, or a Hub name (cached when offline)."""
+    if os.path.isfile(os.path.join(path, STATE_FILE)):  # a training checkpoint (it holds a config.json too)
+        return _from_checkpoint(path)
     if os.path.isfile(os.path.join(path, "config.json")):
         return _from_pretrained(path)
-    if os.path.isfile(os.path.join(path, STATE_FILE)):
-        return _from_checkpoint(path)
     if os.path.exists(path):
         raise UserError(f"{path} holds no model (no config.json) and is not a training checkpoint (no {STATE_FILE}): "
                         "pass OUTPUT_DIR or OUTPUT_DIR/checkpoints/step_N")
@@ -43,10 +41,12 @@ def _from_checkpoint(checkpoint):
         raise UserError(f"checkpoint {checkpoint} has no model.safetensors (DeepSpeed and FSDP save sharded states): "
                         "generate from OUTPUT_DIR once the run has saved its model")
     run_dir = os.path.dirname(os.path.dirname(os.path.abspath(checkpoint)))
-    if os.path.isfile(os.path.join(run_dir, "config.json")):
-        config, tokenizer = AutoConfig.from_pretrained(run_dir), AutoTokenizer.from_pretrained(run_dir)
-    else:
-        config, tokenizer = _rebuild_from_flags(checkpoint)
+    # a checkpoint carries its config and tokenizer; older ones borrow them from the run's saved model
+    source = next((d for d in (checkpoint, run_dir) if os.path.isfile(os.path.join(d, "config.json"))), None)
+    if source is None:
+        raise UserError(f"checkpoint {checkpoint} has no config.json and its run has not saved a model yet: "
+                        "generate from a newer checkpoint, or from OUTPUT_DIR once the run ends")
+    config, tokenizer = AutoConfig.from_pretrained(source), AutoTokenizer.from_pretrained(source)
     try:
         # generation_config given explicitly: transformers would look for it in the checkpoint and fail
         model = AutoModelForCausalLM.from_pretrained(checkpoint, config=config,
@@ -55,28 +55,6 @@ def _from_checkpoint(checkpoint):
         raise UserError(f"cannot load the weights of checkpoint {checkpoint} ({type(e).__name__}: {first_line(e)}): "
                         "is it from this run?") from e
     return model, tokenizer
-
-
-def _rebuild_from_flags(checkpoint):
-    """The config and tokenizer exactly as train.py built them, from the flags the checkpoint recorded."""
-    from accelerate import PartialState
-
-    from utils.config import build_parser as train_parser
-    from utils.data import load_raw_datasets, load_tokenizer, resolve_text_column
-    from utils.model import load_base_config, model_config
-
-    args = train_parser().parse_args([])  # defaults for flags newer than the checkpoint
-    vars(args).update(read_state(checkpoint).get("config") or {})
-    try:
-        if args.tokenizer_name or args.model_name_or_path:
-            tokenizer = load_tokenizer(args, None, None, PartialState())
-        else:  # the tokenizer was trained on the run's data (and cached): the same data gives the same one
-            train = load_raw_datasets(args)["train"]
-            tokenizer = load_tokenizer(args, train, resolve_text_column(train, args.text_column), PartialState())
-        return model_config(args, load_base_config(args), tokenizer), tokenizer
-    except UserError as e:
-        raise UserError(f"checkpoint {checkpoint} has no config.json nearby and rebuilding it from the run's flags "
-                        f"failed ({e}); run from the directory training ran in, or wait for the run to save its model") from e
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ import time
 
 import torch
 from accelerate.tracking import TensorBoardTracker
+from tqdm.auto import tqdm
 
 from utils.files import write_atomic
 
@@ -51,32 +52,25 @@ def peak_memory_gib(accelerator):
     return accelerator.gather(torch.tensor([local], device=device)).max().item()
 
 
-def trackers(args):
+def trackers(report_to, output_dir, run_name):
     """accelerate's `log_with` for --report_to. TensorBoard writes to OUTPUT_DIR/tensorboard/RUN_NAME;
     'all' means these two, not every tracker accelerate happens to find installed."""
-    names = {"none": [], "all": ["tensorboard", "wandb"]}.get(args.report_to, [args.report_to])
-    tensorboard_dir = os.path.join(args.output_dir, "tensorboard")
-    return [TensorBoardTracker(args.run_name, tensorboard_dir) if name == "tensorboard" else name
-            for name in names] or None
+    names = {"none": [], "all": ["tensorboard", "wandb"]}.get(report_to, [report_to])
+    tensorboard_dir = os.path.join(output_dir, "tensorboard")
+    return [TensorBoardTracker(run_name, tensorboard_dir) if name == "tensorboard" else name for name in names] or None
 
 
-def tracker_init_kwargs(args):
-    """wandb's run name and directory: the run lands in OUTPUT_DIR/wandb whatever WANDB_DIR says."""
-    return {"wandb": {"name": args.run_name, "dir": os.path.abspath(args.output_dir)}}
+def tracker_init_kwargs(output_dir, run_name, env=os.environ):
+    """wandb's run name and directory (OUTPUT_DIR/wandb whatever WANDB_DIR says). Without an API key or
+    login wandb would prompt: it runs offline instead (`wandb sync OUTPUT_DIR/wandb/offline-run-*` uploads)."""
+    wandb = {"name": run_name, "dir": os.path.abspath(output_dir)}
+    if "WANDB_MODE" not in env and not env.get("WANDB_API_KEY") and not _wandb_logged_in(env):
+        wandb["mode"] = "offline"
+    return {"wandb": wandb}
 
 
-def configure_trackers(args):
-    """wandb without an API key or login would prompt: run it offline into OUTPUT_DIR instead."""
-    if args.report_to not in ("wandb", "all"):
-        return
-    os.environ.setdefault("WANDB_DIR", os.path.abspath(args.output_dir))
-    if "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY") and not _wandb_logged_in():
-        os.environ["WANDB_MODE"] = "offline"
-        print("wandb: no API key, logging offline; upload later with `wandb sync OUTPUT_DIR/wandb/offline-run-*`")
-
-
-def _wandb_logged_in():
-    netrc = os.path.expanduser(os.environ.get("NETRC", "~/.netrc"))
+def _wandb_logged_in(env):
+    netrc = os.path.expanduser(env.get("NETRC", "~/.netrc"))
     return os.path.isfile(netrc) and "api.wandb.ai" in open(netrc).read()
 
 
@@ -190,6 +184,8 @@ class TrainingMetrics:
 
     def eval_done(self, step, eval_loss):
         self.log.log(step, eval_loss=eval_loss, perplexity=perplexity(eval_loss))
+        if self.accelerator.is_main_process:  # tqdm.write: above the progress bar, not through it
+            tqdm.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.1f}", file=sys.stdout)
 
     def paused(self):
         return self.timer.paused()

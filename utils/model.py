@@ -1,4 +1,4 @@
-"""Model: a Llama-style preset, a config (Hub name or directory), or pretrained weights.
+"""Model: a Llama-style or GPT-2 preset, a config (Hub name or directory), or pretrained weights.
 
 The model class is transformers' own and stays untouched; precision, sharding and compilation
 are applied from outside by accelerate.
@@ -9,12 +9,13 @@ import hashlib
 from contextlib import nullcontext
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig
 
 from utils.errors import UserError
 
-# Llama-style sizes. Parameter counts are for a 32k vocabulary (tiny/small use the trained 4k one).
-PRESETS = {
+# Llama-style sizes (SwiGLU, RMSNorm, rotary, grouped-query attention). Parameter counts are for a
+# 32k vocabulary (tiny/small use the trained 4k one).
+LLAMA = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=192),  # tests
     "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
@@ -26,6 +27,25 @@ PRESETS = {
     "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                intermediate_size=8192),  # ~1.2B, Llama-3.2-1B shape
 }
+# The GPT-2 family (learned positions, GELU MLP, LayerNorm, tied embeddings), as published; the counts
+# are for GPT-2's 50,257-token vocabulary and 1,024 positions. Dropout is off, as in modern pre-training.
+GPT2 = {
+    "gpt2-tiny": dict(n_embd=64, n_layer=2, n_head=4),  # tests
+    "gpt2": dict(n_embd=768, n_layer=12, n_head=12),  # 124,439,808
+    "gpt2-medium": dict(n_embd=1024, n_layer=24, n_head=16),  # 354,823,168
+    "gpt2-large": dict(n_embd=1280, n_layer=36, n_head=20),  # 774,030,080
+    "gpt2-xl": dict(n_embd=1600, n_layer=48, n_head=25),  # 1,557,611,200
+}
+PRESETS = [*LLAMA, *GPT2]
+
+
+def preset_config(name, vocab_size, block_size=0, **special_ids):
+    """The transformers config of preset `name` for a vocabulary of `vocab_size` tokens."""
+    if name in GPT2:
+        return GPT2Config(vocab_size=vocab_size, n_positions=max(block_size, 1024), resid_pdrop=0.0, embd_pdrop=0.0,
+                          attn_pdrop=0.0, **GPT2[name], **special_ids)
+    return LlamaConfig(vocab_size=vocab_size, max_position_embeddings=max(block_size, 2048), tie_word_embeddings=False,
+                       **LLAMA[name], **special_ids)
 
 
 def load_base_config(args):
@@ -55,16 +75,19 @@ def model_config(args, base_config, tokenizer):
     if base_config is not None:
         base_config.update(dict(vocab_size=max(base_config.vocab_size, vocab_size), **special))
         return base_config
-    return LlamaConfig(vocab_size=vocab_size, max_position_embeddings=max(args.block_size, 2048),
-                       tie_word_embeddings=False, **PRESETS[args.model_preset], **special)
+    return preset_config(args.model_preset, vocab_size, args.block_size, **special)
 
 
-def build_model(args, config):
-    """Pretrained weights for --model_name_or_path, else a model initialized from --seed alone."""
-    if args.model_name_or_path:
-        return AutoModelForCausalLM.from_pretrained(args.model_name_or_path, config=config, attn_implementation="sdpa")
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    initialize_by_name(model, args.seed)
+def build_model(config, pretrained=None, seed=0, gradient_checkpointing=False):
+    """The weights of `pretrained` (a Hub name or directory), else a model initialized from `seed` alone.
+    gradient_checkpointing: recompute each layer's activations in backward (less memory, ~30% more compute)."""
+    if pretrained:
+        model = AutoModelForCausalLM.from_pretrained(pretrained, config=config, attn_implementation="sdpa")
+    else:
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        initialize_by_name(model, seed)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -132,12 +155,14 @@ def parameter_count(module):
 def training_flops_per_token(model, seq_len):
     """Forward + backward FLOPs per token: 6 x (parameters in matmuls) + attention scores (PaLM appendix B).
 
-    The input embedding is a lookup, not a matmul, so it is left out; tied output weights stay in.
+    Embeddings are lookups, not matmuls: token and learned position embeddings (GPT-2's wpe) are left
+    out, except the token embedding when it is tied to the output layer, which is a matmul.
     """
     config = model.config
-    params = parameter_count(model)
-    if not config.tie_word_embeddings:
-        params -= parameter_count(model.get_input_embeddings())
+    lookups = sum(parameter_count(m) for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    params = parameter_count(model) - lookups
+    if config.tie_word_embeddings:
+        params += parameter_count(model.get_input_embeddings())
     layers = config.num_hidden_layers
     hidden = getattr(config, "hidden_size", None) or config.n_embd
     return 6 * params + 12 * layers * hidden * seq_len

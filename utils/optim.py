@@ -21,11 +21,10 @@ def parameter_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model, args):
+def build_optimizer(model, lr, weight_decay, betas):
     # fused kernels on GPU, else foreach (one multi-tensor launch per group instead of one per tensor)
     fused = torch.cuda.is_available() and "fused" in inspect.signature(torch.optim.AdamW).parameters
-    return torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.learning_rate,
-                             betas=(args.adam_beta1, args.adam_beta2), fused=fused or None,
+    return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=betas, fused=fused or None,
                              foreach=None if fused else True)
 
 
@@ -43,11 +42,10 @@ def lr_multiplier(step, scheduler_type, warmup_steps, total_steps, min_lr_ratio)
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer, args, total_steps):
+def build_scheduler(optimizer, scheduler_type, warmup_steps, total_steps, min_lr_ratio):
     """Stepped by train.py exactly once per optimizer step, whatever the number of processes.
 
     It is built on the optimizer accelerate returns (so it drives DeepSpeed's too) and is not
     passed to `accelerator.prepare`, whose wrapper steps it once per process.
     """
-    return LambdaLR(optimizer, lambda step: lr_multiplier(step, args.lr_scheduler_type, args.num_warmup_steps,
-                                                           total_steps, args.min_lr_ratio))
+    return LambdaLR(optimizer, lambda step: lr_multiplier(step, scheduler_type, warmup_steps, total_steps, min_lr_ratio))

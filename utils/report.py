@@ -190,7 +190,8 @@ def describe_model(config):
         return f"{config['model_name_or_path']} (pretrained, training continued)"
     if config.get("config_name"):
         return f"{config['config_name']} architecture, random init"
-    return f"Llama-style preset '{config.get('model_preset')}', random init"
+    preset = config.get("model_preset") or ""
+    return f"{'GPT-2' if preset.startswith('gpt2') else 'Llama-style'} preset '{preset}', random init"
 
 
 def describe_data(config):

@@ -1,0 +1,93 @@
+"""--document_masking: inside a packed block every document is computed as if it ran alone."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig
+
+from train import evaluate
+from utils.data import IGNORE_INDEX, Collate
+
+EOS = 1
+LLAMA = LlamaConfig(vocab_size=97, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=64, max_position_embeddings=128, bos_token_id=EOS, eos_token_id=EOS)
+GPT2 = GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0,
+                  attn_pdrop=0.0, bos_token_id=EOS, eos_token_id=EOS)
+
+
+def documents(seed, lengths):
+    """Documents of random tokens (never EOS), each ending with EOS as packing joins them."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.cat([torch.randint(2, 97, (n - 1,), generator=g), torch.tensor([EOS])]) for n in lengths]
+
+
+def blocks_and_pieces():
+    """Two packed blocks of 24 tokens and, for each, the document pieces it holds: a block starts and ends
+    mid-document, and each piece runs alone as its own sequence."""
+    stream = torch.cat(documents(0, [5, 9, 3, 12, 1, 7, 11]))  # 48 tokens; a one-token document (a lone EOS) too
+    blocks = stream[:48].view(2, 24)
+    pieces = []
+    for block in blocks:
+        ends = (block == EOS).nonzero().flatten().tolist()
+        bounds = [0, *[e + 1 for e in ends if e + 1 < len(block)], len(block)]
+        pieces.append([block[a:b] for a, b in zip(bounds, bounds[1:])])
+    return blocks, pieces
+
+
+def test_positions_restart_and_first_tokens_are_not_predicted():
+    block = torch.tensor([5, 6, EOS, 7, 8, 9, EOS, EOS, 4])
+    batch = Collate(document_masking_eos=EOS)([{"input_ids": block}])
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 0, 0]]
+    assert batch["labels"].tolist() == [[5, 6, EOS, IGNORE_INDEX, 8, 9, EOS, IGNORE_INDEX, IGNORE_INDEX]]
+    plain = Collate()([{"input_ids": block}])
+    assert set(plain) == {"input_ids", "labels"} and torch.equal(plain["labels"], plain["input_ids"])
+
+
+@pytest.mark.parametrize("config", [LLAMA, GPT2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_masked_block_loss_equals_its_documents_run_one_by_one(config, attention):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=attention).train()  # no dropout: as eval
+    blocks, pieces = blocks_and_pieces()
+    batch = Collate(document_masking_eos=EOS)([{"input_ids": b} for b in blocks])
+    predicted = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().item()
+    packed_sum = model(**batch, use_cache=False).loss.double() * predicted  # training: the model's own loss
+
+    alone_sum, alone_count = 0.0, 0
+    for piece in (p for block_pieces in pieces for p in block_pieces):
+        if len(piece) > 1:  # a one-token piece predicts nothing
+            ids = piece.unsqueeze(0)
+            alone_sum += model(input_ids=ids, labels=ids).loss.double() * (len(piece) - 1)
+            alone_count += len(piece) - 1
+    assert predicted == alone_count
+    assert packed_sum.item() == pytest.approx(alone_sum.item(), rel=1e-5)
+
+    unmasked = Collate()([{"input_ids": b} for b in blocks])
+    assert model(**unmasked).loss.item() != pytest.approx(packed_sum.item() / predicted, rel=1e-3)  # it matters
+
+    class Accelerator:  # evaluation's only use of it: gathering across processes (one here)
+        gather_for_metrics = staticmethod(lambda x: x)
+
+    loader = [Collate(document_masking_eos=EOS)([{"input_ids": b}]) for b in blocks]
+    assert evaluate(model, loader, Accelerator()) == pytest.approx(alone_sum.item() / alone_count, rel=1e-5)
+
+
+def test_training_with_document_masking_in_job_and_streamed(tmp_path, corpus):
+    """Real launches: the same seed gives the same initial weights, so the initial eval loss moves only
+    because of the mask; a stream is masked the same way (its EOS ids come from the same packing)."""
+    from conftest import TINY, launch
+
+    def run(name, *flags):
+        launch(["--train_file", corpus, "--output_dir", tmp_path / name, *TINY, "--max_train_steps", "3",
+                "--eval_steps", "3", *flags])
+        return json.loads((tmp_path / name / "results.json").read_text())
+
+    plain, masked = run("plain"), run("masked", "--document_masking")
+    assert masked["config"]["document_masking"] and not plain["config"]["document_masking"]
+    # an untrained model barely uses context, but far more than float noise (1e-7) apart
+    assert masked["initial_eval_loss"] != pytest.approx(plain["initial_eval_loss"], abs=1e-6)
+    assert masked["initial_eval_loss"] == pytest.approx(plain["initial_eval_loss"], abs=0.2)  # the same model
+    assert masked["eval_loss"] < masked["initial_eval_loss"]
+    streamed = run("streamed", "--document_masking", "--streaming")
+    assert streamed["eval_loss"] < streamed["initial_eval_loss"]
