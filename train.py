@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from utils.checkpoint import Checkpointer
 from utils.config import parse_args
 from utils.errors import run_cli
-from utils.data import IGNORE_INDEX, build_dataloaders, load_raw_datasets, load_tokenizer, resolve_text_column, tokenize_and_pack
+from utils.data import (IGNORE_INDEX, build_dataloaders, load_raw_datasets, load_tokenizer, open_blocks, resolve_text_column,
+                        source_identity, store_tokenizer, tokenize_and_pack)
 from utils.faults import EXIT_PREEMPTED, NonFiniteGuard, StopSignal
 from utils.files import write_atomic
 from utils.generate import generate
@@ -173,14 +174,19 @@ def setup(args):
 
 def load_data(args, accelerator, base_config, samples_per_step):
     """(tokenizer, the model config that embeds it, blocks, train loader, validation loader, the TrainOrder)."""
-    raw = load_raw_datasets(args)
-    text_column = resolve_text_column(raw["train"], args.text_column)
-    tokenizer = load_tokenizer(args, raw["train"], text_column, accelerator)
-    config = model_config(args, base_config, tokenizer)  # a tokenizer the model cannot embed fails before tokenizing
-    if args.streaming:  # tokenized and packed on the fly while training; only validation blocks are made now
-        blocks = stream_blocks(raw, text_column, tokenizer, args)
+    if args.data_dir:  # written by prepare_data.py: memory-mapped, nothing is read or tokenized here
+        tokenizer = store_tokenizer(args.data_dir, args.tokenizer_name or args.model_name_or_path)
+        config = model_config(args, base_config, tokenizer)
+        blocks = open_blocks(args.data_dir, args.block_size, args.max_eval_samples)
     else:
-        blocks = tokenize_and_pack(raw, text_column, tokenizer, args, accelerator)
+        raw = load_raw_datasets(args)
+        text_column = resolve_text_column(raw["train"], args.text_column)
+        tokenizer = load_tokenizer(args, raw["train"], text_column, accelerator)
+        config = model_config(args, base_config, tokenizer)  # a tokenizer the model cannot embed fails before tokenizing
+        if args.streaming:  # tokenized and packed on the fly while training; only validation blocks are made now
+            blocks = stream_blocks(raw, text_column, tokenizer, args)
+        else:  # tokenized once into a token store in the cache, like prepare_data.py's
+            blocks = tokenize_and_pack(raw, text_column, tokenizer, args, accelerator, source_identity(args))
     masking = tokenizer.eos_token_id if args.document_masking else None
     return tokenizer, config, blocks, *build_dataloaders(blocks, args, samples_per_step, document_masking_eos=masking)
 

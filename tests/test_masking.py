@@ -1,6 +1,8 @@
 """--document_masking: inside a packed block every document is computed as if it ran alone."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -76,11 +78,11 @@ def test_masked_block_loss_equals_its_documents_run_one_by_one(config, attention
 def test_training_with_document_masking_in_job_and_streamed(tmp_path, corpus):
     """Real launches: the same seed gives the same initial weights, so the initial eval loss moves only
     because of the mask; a stream is masked the same way (its EOS ids come from the same packing)."""
-    from conftest import TINY, launch
+    from conftest import ROOT, TINY, launch, train_losses
 
     def run(name, *flags):
-        launch(["--train_file", corpus, "--output_dir", tmp_path / name, *TINY, "--max_train_steps", "3",
-                "--eval_steps", "3", *flags])
+        data = [] if "--data_dir" in flags else ["--train_file", corpus]
+        launch([*data, "--output_dir", tmp_path / name, *TINY, "--max_train_steps", "3", "--eval_steps", "3", *flags])
         return json.loads((tmp_path / name / "results.json").read_text())
 
     plain, masked = run("plain"), run("masked", "--document_masking")
@@ -91,3 +93,9 @@ def test_training_with_document_masking_in_job_and_streamed(tmp_path, corpus):
     assert masked["eval_loss"] < masked["initial_eval_loss"]
     streamed = run("streamed", "--document_masking", "--streaming")
     assert streamed["eval_loss"] < streamed["initial_eval_loss"]
+    store = tmp_path / "store"  # a prepared token store: the same blocks, masked the same way
+    subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "--train_file", str(corpus), "--vocab_size", "512",
+                    "--data_dir", str(store)], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    from_store = run("from_store", "--document_masking", "--data_dir", store)
+    assert train_losses(tmp_path / "from_store") == train_losses(tmp_path / "masked")
+    assert from_store["eval_loss"] == masked["eval_loss"]

@@ -11,6 +11,7 @@ import yaml
 
 from utils import errors
 from utils.errors import UserError
+from utils.store import read_manifest
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 REPORT_TO = ("none", "tensorboard", "wandb", "all")
@@ -29,6 +30,8 @@ def build_parser():
     add("--validation_file", help="local validation file, same formats as --train_file (default: hold out part of train)")
     add("--validation_split_percentage", type=int, default=5,
         help="percent of train held out for validation when there is no validation split")
+    add("--data_dir", help="token store written by prepare_data.py: memory-mapped, nothing is tokenized in the job "
+        "(replaces --dataset_name / --train_file)")
     add("--text_column", default="text", help="column holding the text (a single string column is found by itself)")
     add("--block_size", type=int, default=128, help="tokens per training sequence")
     add("--preprocessing_num_workers", type=int, default=None,
@@ -105,8 +108,9 @@ def build_parser():
     return p
 
 
-def parse_args(argv=None):
-    parser = build_parser()
+def parse_args(argv=None, parser=None):
+    """train.py's flags (or `parser`'s, a build_parser() with more) from the command line and a recipe."""
+    parser = parser or build_parser()
     recipe_path = _recipe_path(argv)
     if recipe_path:
         parser.set_defaults(**load_recipe(recipe_path, parser))
@@ -163,6 +167,11 @@ def validate(args):
     if args.streaming and args.dataloader_num_workers:
         raise UserError("--streaming reads in the main process, whose position a checkpoint records (the tokenizer "
                         "uses every core itself): drop --dataloader_num_workers")
+    if args.data_dir and not getattr(args, "writing_store", False):
+        given = [f"--{flag}" for flag in ("dataset_name", "train_file", "validation_file", "streaming") if getattr(args, flag)]
+        if given:
+            raise UserError(f"--data_dir holds the tokenized data: drop {', '.join(given)} (they went to prepare_data.py)")
+        read_manifest(args.data_dir)  # a missing or incomplete store fails here, before any work
     if args.dataset_name and args.train_file:
         raise UserError("give either --dataset_name or --train_file, not both")
     if args.model_name_or_path and args.config_name:

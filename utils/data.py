@@ -1,8 +1,8 @@
 """Data: raw text -> tokenizer -> tokens packed into blocks -> resumable dataloaders.
 
-Tokenization runs once through `datasets.map` (batched, cached on disk). The token stream of a
-whole split is then written once to a flat memory-mapped file, so packing drops nothing but the
-split's final remainder and a corpus larger than RAM still trains.
+Tokenization runs once into a token store (utils/store.py: binary shards, memory-mapped), written
+by prepare_data.py or, from text, into the cache; packing drops nothing but a split's final
+remainder, and a corpus larger than RAM still trains.
 """
 
 import ast
@@ -18,7 +18,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from datasets import DatasetDict, Features, IterableDataset, IterableDatasetDict, Sequence, Value, load_dataset
+from datasets import DatasetDict, Features, IterableDataset, IterableDatasetDict, Value, load_dataset
 from huggingface_hub.constants import HF_HOME
 from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, SequentialSampler
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -26,6 +26,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from utils.config import local_data_builder
 from utils.errors import UserError, first_line
 from utils.files import publish, temporary_name, write_atomic
+from utils.store import MANIFEST, read_manifest, split_tokens, tokenizer_identity, write_store
 
 CACHE_ROOT = Path(HF_HOME) / "clm-train"
 EOS_TOKEN = "<|endoftext|>"
@@ -149,7 +150,7 @@ def load_tokenizer(args, raw_train, text_column, accelerator):
                             "download it while online (offline runs need a local directory)") from e
     else:
         if isinstance(raw_train, IterableDataset):  # a stream: learn the vocabulary from its beginning
-            source = _stream_identity(args)
+            source = json.dumps(source_identity(args))
             texts = (document[text_column] for document in raw_train.take(TOKENIZER_STREAM_DOCUMENTS))
         else:
             source, texts = raw_train._fingerprint, raw_train[text_column]
@@ -168,12 +169,25 @@ def load_tokenizer(args, raw_train, text_column, accelerator):
     return tokenizer
 
 
-def _stream_identity(args):
-    """Names a streamed corpus for the tokenizer cache: Hub name, or local files with size and mtime."""
+def source_identity(args):
+    """What the data is, for caches and results.json: a Hub dataset's name, config and revision, or a
+    local file's path, size and modification time."""
     if args.dataset_name:
-        return f"{args.dataset_name}/{args.dataset_config_name}"
+        return {"name": args.dataset_name, "config": args.dataset_config_name}
     path = args.train_file or embedded_corpus_file()
-    return f"{os.path.abspath(path)}:{os.path.getsize(path)}:{os.stat(path).st_mtime_ns}"
+    return {"path": os.path.abspath(path), "bytes": os.path.getsize(path), "mtime_ns": os.stat(path).st_mtime_ns}
+
+
+def store_tokenizer(path, expected=None):
+    """The tokenizer saved in token store `path`; `expected` (a tokenizer name) must be the same one."""
+    manifest = read_manifest(path)
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
+    if expected:
+        wanted = AutoTokenizer.from_pretrained(expected)
+        if tokenizer_identity(wanted) != manifest["tokenizer"]:
+            raise UserError(f"token store {path} was tokenized with another tokenizer than {expected!r}: prepare it "
+                            f"with prepare_data.py --tokenizer_name {expected} (or the model's name)")
+    return tokenizer
 
 
 def _train_bpe_tokenizer(texts, vocab_size, path):
@@ -228,47 +242,48 @@ def document_encoder(tokenizer):
     return encode
 
 
-def tokenize_and_pack(raw, text_column, tokenizer, args, accelerator):
-    """Tokenize every split once (cached), join documents with EOS and cut into blocks."""
-    encode = document_encoder(tokenizer)
+def tokenize_and_pack(raw, text_column, tokenizer, args, accelerator, identity=None):
+    """Tokenize every split once into a token store in the cache (utils/store.py), then cut it into blocks.
 
-    def tokenize(batch):
-        return {"input_ids": encode(batch[text_column])}
+    The store is keyed by the data's fingerprints, the text column and the tokenizer, so a second run
+    memory-maps it at once; the main process of each node writes it (node-local or shared caches)."""
+    key = hashlib.sha256(json.dumps([tokenizer_identity(tokenizer), text_column,
+                                     {split: d._fingerprint for split, d in raw.items()}]).encode()).hexdigest()[:16]
+    path = CACHE_ROOT / "stores" / key
+    with accelerator.local_main_process_first():
+        if not (path / MANIFEST).is_file():
+            write_token_store(path, raw, text_column, tokenizer, identity, args.preprocessing_num_workers)
+    return open_blocks(path, args.block_size, getattr(args, "max_eval_samples", None))
 
-    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
-    # one worker would be a pool of one, where the Rust tokenizer runs single-threaded: keep it in-process
-    workers = args.preprocessing_num_workers if (args.preprocessing_num_workers or 0) > 1 else None
+
+def write_token_store(path, raw, text_column, tokenizer, identity=None, workers=None, **options):
+    """Tokenize the splits of `raw` into a token store at `path` (what prepare_data.py and the cache write)."""
+    source = {"label": source_label(identity), "identity": identity or {"fingerprint": raw["train"]._fingerprint},
+              "text_column": text_column, "splits": dict(raw)}
+    return write_store(path, [source], tokenizer, document_encoder(tokenizer), workers, **options)
+
+
+def open_blocks(path, block_size, max_eval_samples=None):
+    """{'train', 'validation'}: blocks of `block_size` tokens over a token store's memory-mapped shards."""
+    manifest = read_manifest(path)
     blocks = {}
-    for split, dataset in raw.items():
-        with accelerator.local_main_process_first():  # node-local caches: one tokenization per node
-            tokenized = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names,
-                                    features=Features({"input_ids": Sequence(Value("int32"))}),  # half of int64
-                                    num_proc=workers, desc=f"Tokenizing {split}")
-            path = _token_stream_path(tokenized, dtype)
-            if not path.exists():
-                _write_token_stream(tokenized, path, dtype)
-        tokens = np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.zeros(0, dtype)
-        if split == "validation" and getattr(args, "max_eval_samples", None):
-            tokens = tokens[:args.max_eval_samples * args.block_size]
-        blocks[split] = PackedBlocks(tokens, args.block_size)
+    for split in ("train", "validation"):
+        tokens = split_tokens(path, manifest, 0, split)
+        if split == "validation" and max_eval_samples:
+            tokens = tokens[:max_eval_samples * block_size]
+        blocks[split] = PackedBlocks(tokens, block_size)
         if len(blocks[split]) == 0:
             raise UserError(f"the {split} split has {len(tokens)} tokens, fewer than one block of "
-                            f"{args.block_size}: give more data or a smaller --block_size")
+                            f"{block_size}: give more data or a smaller --block_size")
     return blocks
 
 
-def _token_stream_path(tokenized, dtype):
-    cache_dir = Path(tokenized.cache_files[0]["filename"]).parent if tokenized.cache_files else CACHE_ROOT / "tokens"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    return cache_dir / f"tokens-{tokenized._fingerprint}.{np.dtype(dtype).name}.bin"
-
-
-def _write_token_stream(tokenized, path, dtype):
-    tmp = temporary_name(path)
-    with open(tmp, "wb") as f:
-        for batch in tokenized.data.column("input_ids").chunks:
-            batch.flatten().to_numpy().astype(dtype).tofile(f)
-    publish(tmp, path, keep_existing=True)
+def source_label(identity):
+    """A short name for a source in logs and metrics: a file's name or a Hub dataset's."""
+    if not identity:
+        return "data"
+    name = identity.get("name") or os.path.basename(str(identity.get("path", "data")))
+    return name.rsplit(".", 1)[0] if "path" in identity else name
 
 
 # --- Loaders --------------------------------------------------------------------------------

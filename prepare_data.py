@@ -1,0 +1,52 @@
+"""Tokenize once, train anywhere: write a token store that train.py --data_dir memory-maps.
+
+    python prepare_data.py --train_file corpus.jsonl --data_dir /shared/store      # a trained tokenizer
+    python prepare_data.py --dataset_name NAME --tokenizer_name gpt2 --data_dir /shared/store
+    accelerate launch train.py --data_dir /shared/store ...                          # any number of nodes
+
+The source and tokenizer flags are train.py's and mean the same. An interrupted run, started again
+with the same flags, keeps the shards it finished. Layout of a store: utils/store.py.
+"""
+
+import json
+import time
+
+from accelerate import PartialState
+
+from utils.config import build_parser, parse_args
+from utils.data import load_raw_datasets, load_tokenizer, resolve_text_column, source_identity, write_token_store
+from utils.errors import UserError, run_cli
+from utils.store import SHARD_DOCUMENTS
+
+
+def main(argv=None):
+    parser = build_parser()
+    parser.description = "Tokenize a corpus once into a token store for train.py --data_dir."
+    parser.add_argument("--shard_documents", type=int, default=SHARD_DOCUMENTS,
+                        help="documents per shard, the unit of work an interrupted run keeps")
+    parser.set_defaults(writing_store=True)
+    args = parse_args(argv, parser)
+    if not args.data_dir:
+        raise UserError("prepare_data.py needs --data_dir STORE: the directory to write the token store to")
+    if args.streaming:
+        raise UserError("prepare_data.py reads the whole corpus: drop --streaming")
+    start = time.perf_counter()
+    raw = load_raw_datasets(args)
+    text_column = resolve_text_column(raw["train"], args.text_column)
+    tokenizer = load_tokenizer(args, raw["train"], text_column, PartialState())
+    tokenized = time.perf_counter()
+    manifest = write_token_store(args.data_dir, raw, text_column, tokenizer, source_identity(args),
+                                 args.preprocessing_num_workers, shard_documents=args.shard_documents)
+    seconds = time.perf_counter() - tokenized
+    for source in manifest["sources"]:
+        counts = ", ".join(f"{split} {s['tokens']:,} tokens in {s['documents']:,} documents"
+                           for split, s in source["splits"].items())
+        print(f"{source['label']}: {counts}")
+    total = sum(s["tokens"] for source in manifest["sources"] for s in source["splits"].values())
+    print(json.dumps({"data_dir": args.data_dir, "tokens": total, "content_id": manifest["content_id"],
+                      "tokenize_seconds": round(seconds, 2), "total_seconds": round(time.perf_counter() - start, 2)}))
+    print(f"token store ready: accelerate launch train.py --data_dir {args.data_dir} ...")
+
+
+if __name__ == "__main__":
+    run_cli(main)

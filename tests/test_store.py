@@ -1,0 +1,111 @@
+"""prepare_data.py writes a token store; train.py --data_dir trains on exactly the blocks it would
+have made from the same flags itself; interrupted stores resume, bad ones are refused early."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, TINY, launch, train_losses
+from utils.store import ShardedTokens, token_dtype
+
+
+def script(name, *flags):
+    return subprocess.run([sys.executable, str(ROOT / name), *map(str, flags)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+def prepare(*flags):
+    return script("prepare_data.py", *flags)
+
+
+def train(*flags):  # errors: python train.py shows train.py's own exit code (accelerate launch turns it into 1)
+    return script("train.py", *flags)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, corpus):
+    path = tmp_path_factory.mktemp("store") / "store"
+    result = prepare("--train_file", corpus, "--vocab_size", 512, "--data_dir", path, "--shard_documents", 16)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return path
+
+
+def test_store_layout_counts_and_boundaries(store, corpus):
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["dtype"] == "uint16" and (store / "tokenizer" / "tokenizer.json").is_file()
+    source = manifest["sources"][0]
+    assert source["identity"]["path"] == str(corpus) and source["identity"]["bytes"] == os.path.getsize(corpus)
+    train = source["splits"]["train"]
+    assert len(train["shards"]) > 1  # 16 documents per shard
+    folder = store / source["dir"] / "train"
+    tokens = np.concatenate([np.fromfile(folder / f"{s['name']}.bin", dtype=np.uint16) for s in train["shards"]])
+    assert len(tokens) == train["tokens"]
+    ends = np.load(folder / "shard-00000.ends.npy")
+    assert (tokens[ends - 1] == manifest["eos_token_id"]).all()  # every document ends with EOS
+
+
+def test_training_from_a_store_matches_tokenizing_in_the_job(store, corpus, tmp_path):
+    common = [*TINY, "--max_train_steps", 4, "--eval_steps", 4]
+    launch(["--train_file", corpus, "--output_dir", tmp_path / "in_job", *common])
+    launch(["--data_dir", store, "--output_dir", tmp_path / "store", *common])
+    launch(["--data_dir", store, "--output_dir", tmp_path / "store2", *common, "--per_device_train_batch_size", 2],
+           num_processes=2)
+    in_job, from_store = train_losses(tmp_path / "in_job"), train_losses(tmp_path / "store")
+    assert from_store == in_job  # the same blocks in the same order: bit-identical losses
+    two = train_losses(tmp_path / "store2")
+    assert two == pytest.approx(in_job, abs=1e-5)
+    results = json.loads((tmp_path / "store2" / "results.json").read_text())
+    assert results["num_processes"] == 2
+
+
+def test_an_interrupted_store_keeps_its_finished_shards(store, corpus, tmp_path):
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(store), str(copy)], check=True)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    folder = copy / manifest["sources"][0]["dir"] / "train"
+    (copy / "manifest.json").unlink()  # killed before the end: the last shard is not finished
+    (folder / "shard-00001.json").unlink()
+    (folder / "shard-00001.bin").unlink()
+    kept = (folder / "shard-00000.bin").stat().st_mtime_ns
+    result = train("--data_dir", copy, "--output_dir", tmp_path / "out", *TINY)
+    assert result.returncode == 2 and "is incomplete" in result.stderr.strip().splitlines()[-1]
+    again = prepare("--train_file", corpus, "--vocab_size", 512, "--data_dir", copy, "--shard_documents", 16)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (folder / "shard-00000.bin").stat().st_mtime_ns == kept  # not written again
+    assert json.loads((copy / "manifest.json").read_text())["content_id"] == manifest["content_id"]
+
+
+def test_bad_stores_and_flags_are_one_clear_line(store, corpus, tmp_path):
+    def error(result):
+        assert result.returncode == 2, result.stderr[-2000:]
+        return result.stderr.strip().splitlines()[-1]
+
+    assert "not a token store" in error(train("--data_dir", tmp_path, "--output_dir", tmp_path / "o"))
+    assert "drop --train_file" in error(train("--data_dir", store, "--train_file", corpus))
+    other = prepare("--train_file", corpus, "--vocab_size", 300, "--data_dir", store, "--shard_documents", 16)
+    assert "store of other sources or another tokenizer" in error(other)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    assert "not empty" in error(prepare("--train_file", corpus, "--data_dir", tmp_path / "busy"))
+    tokenizer_dir = tmp_path / "tok"
+    from transformers import AutoTokenizer
+    AutoTokenizer.from_pretrained(store / "tokenizer").save_pretrained(tokenizer_dir)
+    json_path = tokenizer_dir / "tokenizer.json"
+    spec = json.loads(json_path.read_text())
+    spec["model"]["vocab"]["zzzz"] = len(spec["model"]["vocab"]) + 10  # another vocabulary
+    json_path.write_text(json.dumps(spec))
+    mismatch = train("--data_dir", store, "--tokenizer_name", tokenizer_dir, "--output_dir", tmp_path / "o", *TINY)
+    assert "tokenized with another tokenizer" in error(mismatch)
+
+
+def test_token_width_and_sharded_reads():
+    assert token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32  # Llama-3's 128k vocabulary: 32 bits
+    parts = [np.arange(0, 5), np.arange(5, 5), np.arange(5, 12), np.arange(12, 20)]
+    joined = ShardedTokens(parts)
+    assert len(joined) == 20
+    for a, b in [(0, 20), (3, 9), (5, 12), (11, 13), (19, 20), (7, 7)]:
+        assert joined[a:b].tolist() == list(range(a, b))

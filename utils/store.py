@@ -1,0 +1,184 @@
+"""The token store: documents tokenized once into binary shards that every process of every node
+memory-maps. `prepare_data.py --data_dir STORE` writes one where you choose; train.py writes the same
+kind into its cache when it is given text instead, so both paths train on the same blocks.
+
+    STORE/manifest.json                   written last: a store without it is incomplete
+    STORE/tokenizer/                      the tokenizer that made the tokens
+    STORE/NN-LABEL/SPLIT/shard-00000.bin  token ids (uint16 when the vocabulary fits, else uint32),
+                                          each document followed by EOS
+    STORE/NN-LABEL/SPLIT/shard-00000.ends.npy   where each document ends in the shard
+    STORE/NN-LABEL/SPLIT/shard-00000.json       written after the two above: the shard is done
+
+A shard is a fixed range of documents, so an interrupted store resumes with the shards it finished.
+"""
+
+import concurrent.futures
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+from itertools import chain
+
+import numpy as np
+
+from utils.errors import UserError
+from utils.files import publish, temporary_name, write_atomic
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+PLAN = "plan.json"  # what a store being written holds: a resume must be for the same sources and tokenizer
+SHARD_DOCUMENTS = 50_000  # documents per shard: the unit of resumable work
+ENCODE_BATCH = 1_000  # documents per call of the Rust tokenizer, which spreads a batch over every core
+
+
+def token_dtype(vocab_size):
+    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
+
+
+def tokenizer_identity(tokenizer):
+    """A hash of the tokenizer's vocabulary, merges, normalization and special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{text}|eos={tokenizer.eos_token_id}|n={len(tokenizer)}".encode()).hexdigest()[:16]
+
+
+def write_store(path, sources, tokenizer, encode, workers=None, shard_documents=SHARD_DOCUMENTS):
+    """Tokenize `sources` into the store at `path` (resuming its finished shards); returns the manifest.
+
+    sources: [{"label", "identity" (JSON-able), "text_column", "splits": {split: datasets.Dataset}}].
+    encode: texts -> token ids of each non-empty text followed by EOS (utils/data.py document_encoder).
+    workers: processes that tokenize shards side by side (default: one, whose Rust tokenizer uses every core)."""
+    plan = {"format": FORMAT, "tokenizer": tokenizer_identity(tokenizer), "eos_token_id": tokenizer.eos_token_id,
+            "vocab_size": len(tokenizer), "dtype": np.dtype(token_dtype(len(tokenizer))).name,
+            "sources": [{"label": s["label"], "identity": s["identity"], "text_column": s["text_column"],
+                         "documents": {split: len(d) for split, d in s["splits"].items()}} for s in sources],
+            "shard_documents": shard_documents}
+    _claim(path, plan)
+    if os.path.isfile(os.path.join(path, MANIFEST)):
+        return read_manifest(path)
+    if not os.path.isdir(os.path.join(path, "tokenizer")):
+        tmp = temporary_name(os.path.join(path, "tokenizer"))
+        tokenizer.save_pretrained(tmp)
+        publish(tmp, os.path.join(path, "tokenizer"), keep_existing=True)
+
+    jobs = []  # (dataset, text column, first document, end, shard path without suffix)
+    for number, source in enumerate(sources):
+        source["dir"] = f"{number:02d}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', source['label'])[:40]}"
+        for split, dataset in source["splits"].items():
+            os.makedirs(os.path.join(path, source["dir"], split), exist_ok=True)
+            for k, start in enumerate(range(0, len(dataset), shard_documents)):
+                base = os.path.join(path, source["dir"], split, f"shard-{k:05d}")
+                if not os.path.isfile(base + ".json"):
+                    jobs.append((dataset, source["text_column"], start, min(start + shard_documents, len(dataset)), base))
+    dtype = token_dtype(len(tokenizer))
+    if workers and workers > 1 and len(jobs) > 1:  # fork: each worker's Rust tokenizer runs single-threaded
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            for done in [pool.submit(_write_shard, *job, encode, dtype) for job in jobs]:
+                done.result()
+    else:
+        for job in jobs:
+            _write_shard(*job, encode, dtype)
+
+    manifest = {**plan, "sources": []}
+    for source, planned in zip(sources, plan["sources"]):
+        splits = {}
+        for split in source["splits"]:
+            folder = os.path.join(path, source["dir"], split)
+            shards = [json.load(open(os.path.join(folder, name))) for name in sorted(os.listdir(folder))
+                      if name.endswith(".json")]
+            splits[split] = {"shards": shards, "tokens": sum(s["tokens"] for s in shards),
+                             "documents": sum(s["documents"] for s in shards)}
+        manifest["sources"].append({**planned, "dir": source["dir"], "splits": splits})
+    manifest["content_id"] = hashlib.sha256(json.dumps(
+        [plan["tokenizer"], [[s["sha256"] for split in m["splits"].values() for s in split["shards"]]
+                             for m in manifest["sources"]]]).encode()).hexdigest()[:16]
+    write_atomic(os.path.join(path, MANIFEST), json.dumps(manifest, indent=2))
+    return manifest
+
+
+def _claim(path, plan):
+    """Record what this store holds; a store begun for other sources or another tokenizer is refused."""
+    os.makedirs(path, exist_ok=True)
+    plan_file = os.path.join(path, PLAN)
+    if not os.path.isfile(plan_file):
+        if any(not name.startswith(PLAN) for name in os.listdir(path)):  # PLAN.tmpPID: a peer claiming it
+            raise UserError(f"{path} is not empty and holds no token store: choose an empty or new --data_dir")
+        tmp = temporary_name(plan_file)
+        with open(tmp, "w") as f:
+            json.dump(plan, f, indent=2)
+        publish(tmp, plan_file, keep_existing=True)  # several nodes may claim a shared cache at once
+    with open(plan_file) as f:
+        if json.load(f) != json.loads(json.dumps(plan)):
+            raise UserError(f"{path} holds a store of other sources or another tokenizer: choose an empty "
+                            "--data_dir, or delete that one")
+
+
+def _write_shard(dataset, text_column, start, end, base, encode, dtype):
+    texts = dataset.select_columns([text_column])
+    digest, total, ends = hashlib.sha256(), 0, []
+    tmp = temporary_name(base + ".bin")
+    with open(tmp, "wb") as f:
+        for first in range(start, end, ENCODE_BATCH):
+            ids = encode(texts[first:min(first + ENCODE_BATCH, end)][text_column])
+            lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+            tokens = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
+            ends.append(total + np.cumsum(lengths))
+            total += len(tokens)
+            data = tokens.tobytes()
+            digest.update(data)
+            f.write(data)
+    publish(tmp, base + ".bin")
+    ends = np.concatenate(ends) if ends else np.zeros(0, np.int64)
+    tmp = temporary_name(base + ".ends.npy")
+    with open(tmp, "wb") as f:
+        np.save(f, ends)
+    publish(tmp, base + ".ends.npy")
+    write_atomic(base + ".json", json.dumps({"name": os.path.basename(base), "tokens": total,
+                                             "documents": len(ends), "sha256": digest.hexdigest()}))
+
+
+def read_manifest(path):
+    manifest_file = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest_file):
+        if os.path.isfile(os.path.join(path, PLAN)):
+            raise UserError(f"token store {path} is incomplete (no {MANIFEST}): run prepare_data.py with the same "
+                            "flags again, which finishes it")
+        raise UserError(f"{path} is not a token store (no {MANIFEST}): write one with prepare_data.py --data_dir")
+    with open(manifest_file) as f:
+        manifest = json.load(f)
+    if manifest.get("format") != FORMAT:
+        raise UserError(f"token store {path} has format {manifest.get('format')}, this code reads {FORMAT}: "
+                        "prepare it again")
+    return manifest
+
+
+def split_tokens(path, manifest, source_number, split):
+    """The tokens of one source's split: one memory-mapped shard, or a read-only view over several."""
+    source = manifest["sources"][source_number]
+    folder = os.path.join(path, source["dir"], split)
+    dtype = np.dtype(manifest["dtype"])
+    shards = [np.memmap(os.path.join(folder, s["name"] + ".bin"), dtype=dtype, mode="r") if s["tokens"]
+              else np.zeros(0, dtype) for s in source["splits"][split]["shards"]]
+    return shards[0] if len(shards) == 1 else ShardedTokens(shards) if shards else np.zeros(0, dtype)
+
+
+class ShardedTokens:
+    """Several memory-mapped shards read as one sequence of tokens (len and slices with step 1)."""
+
+    def __init__(self, shards):
+        self.shards = shards
+        self.starts = np.concatenate([[0], np.cumsum([len(s) for s in shards])])
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def __getitem__(self, index):
+        start, stop, _ = index.indices(len(self))
+        first = max(int(np.searchsorted(self.starts, start, side="right")) - 1, 0)
+        pieces = []
+        for k in range(first, len(self.shards)):
+            if self.starts[k] >= stop:
+                break
+            pieces.append(self.shards[k][max(start - self.starts[k], 0):stop - self.starts[k]])
+        return np.concatenate(pieces) if pieces else np.zeros(0, self.shards[0].dtype)
