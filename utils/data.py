@@ -264,10 +264,10 @@ def write_token_store(path, raw, text_column, tokenizer, identity=None, workers=
 
 
 def open_blocks(path, block_size, max_eval_samples=None):
-    """{'train', 'validation'}: blocks of `block_size` tokens over a token store's memory-mapped shards."""
+    """{split: blocks of `block_size` tokens} over a token store's memory-mapped shards."""
     manifest = read_manifest(path)
     blocks = {}
-    for split in ("train", "validation"):
+    for split in manifest["sources"][0]["splits"]:
         tokens = split_tokens(path, manifest, 0, split)
         if split == "validation" and max_eval_samples:
             tokens = tokens[:max_eval_samples * block_size]
@@ -368,7 +368,7 @@ def build_dataloaders(blocks, args, samples_per_step, document_masking_eos=None)
               "collate_fn": Collate(document_masking_eos)}
     evaluation = DataLoader(blocks["validation"], sampler=SequentialSampler(blocks["validation"]),
                             batch_size=args.per_device_eval_batch_size, **common)
-    if not isinstance(blocks["train"], PackedBlocks):  # a stream (utils/stream.py) orders its own blocks
+    if isinstance(blocks["train"], torch.utils.data.IterableDataset):  # a stream orders its own blocks
         train_order = blocks["train"].cut_to_steps(samples_per_step)
         train = DataLoader(train_order, batch_size=args.per_device_train_batch_size, pin_memory=common["pin_memory"],
                            collate_fn=common["collate_fn"])
