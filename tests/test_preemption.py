@@ -36,9 +36,13 @@ def start(corpus, out, config, log):
 
 
 def every_process(process):
-    """The launcher and everything it started (torchrun's workers run in sessions of their own)."""
-    root = psutil.Process(process.pid)
-    return [root, *root.children(recursive=True)]
+    """The launcher and everything it started (torchrun's workers run in sessions of their own); none
+    when the run already ended (a fast run can finish before the random moment comes)."""
+    try:
+        root = psutil.Process(process.pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def logged_step(out):
