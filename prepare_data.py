@@ -34,10 +34,10 @@ def main(argv=None):
     raw = load_raw_datasets(args)
     text_column = resolve_text_column(raw["train"], args.text_column)
     tokenizer = load_tokenizer(args, raw["train"], text_column, PartialState())
-    tokenized = time.perf_counter()
+    tokenizer_ready = time.perf_counter()
     manifest = write_token_store(args.data_dir, raw, text_column, tokenizer, source_identity(args),
                                  args.preprocessing_num_workers, shard_documents=args.shard_documents)
-    seconds = time.perf_counter() - tokenized
+    seconds = time.perf_counter() - tokenizer_ready
     for source in manifest["sources"]:
         counts = ", ".join(f"{split} {s['tokens']:,} tokens in {s['documents']:,} documents"
                            for split, s in source["splits"].items())

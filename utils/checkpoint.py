@@ -2,8 +2,8 @@
 
 `accelerator.save_state` writes model, optimizer, scheduler and every process's RNG states into
 `checkpoints/step_N.tmp`; the main process then adds `trainer_state.json` (the TrainState, data
-position, run config, process count and layout) with the model's config.json and tokenizer, fsyncs it all and renames the directory to
-`step_N`. A directory named `step_N` is complete. A resume on another number of processes
+position, run config, process count and layout) with the model's config.json and tokenizer,
+fsyncs it all and renames the directory to `step_N`. A directory named `step_N` is complete. A resume on another number of processes
 reshards: DDP and FSDP2 checkpoints as they load, DeepSpeed's through its universal format
 (`prepare_resume`). `Checkpointer` is what train.py talks to.
 """

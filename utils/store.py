@@ -14,6 +14,7 @@ A shard is a fixed range of documents, so an interrupted store resumes with the 
 
 import concurrent.futures
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -62,13 +63,14 @@ def write_store(path, sources, tokenizer, encode, workers=None, shard_documents=
         tokenizer.save_pretrained(tmp)
         publish(tmp, os.path.join(path, "tokenizer"), keep_existing=True)
 
+    dirs = [f"{number:02d}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', source['label'])[:40]}"
+            for number, source in enumerate(sources)]
     jobs = []  # (dataset, text column, first document, end, shard path without suffix)
-    for number, source in enumerate(sources):
-        source["dir"] = f"{number:02d}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', source['label'])[:40]}"
+    for source, folder in zip(sources, dirs):
         for split, dataset in source["splits"].items():
-            os.makedirs(os.path.join(path, source["dir"], split), exist_ok=True)
+            os.makedirs(os.path.join(path, folder, split), exist_ok=True)
             for k, start in enumerate(range(0, len(dataset), shard_documents)):
-                base = os.path.join(path, source["dir"], split, f"shard-{k:05d}")
+                base = os.path.join(path, folder, split, f"shard-{k:05d}")
                 if not os.path.isfile(base + ".json"):
                     jobs.append((dataset, source["text_column"], start, min(start + shard_documents, len(dataset)), base))
     dtype = token_dtype(len(tokenizer))
@@ -81,15 +83,15 @@ def write_store(path, sources, tokenizer, encode, workers=None, shard_documents=
             _write_shard(*job, encode, dtype)
 
     manifest = {**plan, "sources": []}
-    for source, planned in zip(sources, plan["sources"]):
+    for source, planned, folder in zip(sources, plan["sources"], dirs):
         splits = {}
         for split in source["splits"]:
-            folder = os.path.join(path, source["dir"], split)
-            shards = [json.load(open(os.path.join(folder, name))) for name in sorted(os.listdir(folder))
+            split_dir = os.path.join(path, folder, split)
+            shards = [_read_json(os.path.join(split_dir, name)) for name in sorted(os.listdir(split_dir))
                       if name.endswith(".json")]
             splits[split] = {"shards": shards, "tokens": sum(s["tokens"] for s in shards),
                              "documents": sum(s["documents"] for s in shards)}
-        manifest["sources"].append({**planned, "dir": source["dir"], "splits": splits})
+        manifest["sources"].append({**planned, "dir": folder, "splits": splits})
     manifest["content_id"] = hashlib.sha256(json.dumps(
         [plan["tokenizer"], [[s["sha256"] for split in m["splits"].values() for s in split["shards"]]
                              for m in manifest["sources"]]]).encode()).hexdigest()[:16]
@@ -108,10 +110,9 @@ def _claim(path, plan):
         with open(tmp, "w") as f:
             json.dump(plan, f, indent=2)
         publish(tmp, plan_file, keep_existing=True)  # several nodes may claim a shared cache at once
-    with open(plan_file) as f:
-        if json.load(f) != json.loads(json.dumps(plan)):
-            raise UserError(f"{path} holds a store of other sources or another tokenizer: choose an empty "
-                            "--data_dir, or delete that one")
+    if _read_json(plan_file) != json.loads(json.dumps(plan)):
+        raise UserError(f"{path} holds a store of other sources or another tokenizer: choose an empty "
+                        "--data_dir, or delete that one")
 
 
 def _write_shard(dataset, text_column, start, end, base, encode, dtype):
@@ -130,10 +131,9 @@ def _write_shard(dataset, text_column, start, end, base, encode, dtype):
             f.write(data)
     publish(tmp, base + ".bin")
     ends = np.concatenate(ends) if ends else np.zeros(0, np.int64)
-    tmp = temporary_name(base + ".ends.npy")
-    with open(tmp, "wb") as f:
-        np.save(f, ends)
-    publish(tmp, base + ".ends.npy")
+    buffer = io.BytesIO()
+    np.save(buffer, ends)
+    write_atomic(base + ".ends.npy", buffer.getvalue())
     write_atomic(base + ".json", json.dumps({"name": os.path.basename(base), "tokens": total,
                                              "documents": len(ends), "sha256": digest.hexdigest()}))
 
@@ -145,12 +145,16 @@ def read_manifest(path):
             raise UserError(f"token store {path} is incomplete (no {MANIFEST}): run prepare_data.py with the same "
                             "flags again, which finishes it")
         raise UserError(f"{path} is not a token store (no {MANIFEST}): write one with prepare_data.py --data_dir")
-    with open(manifest_file) as f:
-        manifest = json.load(f)
+    manifest = _read_json(manifest_file)
     if manifest.get("format") != FORMAT:
         raise UserError(f"token store {path} has format {manifest.get('format')}, this code reads {FORMAT}: "
                         "prepare it again")
     return manifest
+
+
+def _read_json(path):
+    with open(path) as f:
+        return json.load(f)
 
 
 def split_tokens(path, manifest, source_number, split):
