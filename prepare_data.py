@@ -14,8 +14,9 @@ import time
 from accelerate import PartialState
 
 from utils.config import build_parser, parse_args
-from utils.data import load_raw_datasets, load_tokenizer, resolve_text_column, source_identity, write_token_store
+from utils.data import load_tokenizer, write_token_store
 from utils.errors import UserError, run_cli
+from utils.sources import load_source
 from utils.store import SHARD_DOCUMENTS
 
 
@@ -24,24 +25,25 @@ def main(argv=None):
     parser.description = "Tokenize a corpus once into a token store for train.py --data_dir."
     parser.add_argument("--shard_documents", type=int, default=SHARD_DOCUMENTS,
                         help="documents per shard, the unit of work an interrupted run keeps")
-    parser.set_defaults(writing_store=True)
-    args = parse_args(argv, parser)
+    args = parse_args(argv, parser, writes_store=True)
     if not args.data_dir:
         raise UserError("prepare_data.py needs --data_dir STORE: the directory to write the token store to")
+    if args.train_weights:
+        raise UserError("prepare_data.py writes every source whole; weights are chosen when training: "
+                        "pass --train_weights to train.py --data_dir")
     if args.streaming:
         raise UserError("prepare_data.py reads the whole corpus: drop --streaming")
     start = time.perf_counter()
-    raw = load_raw_datasets(args)
-    text_column = resolve_text_column(raw["train"], args.text_column)
-    tokenizer = load_tokenizer(args, raw["train"], text_column, PartialState())
+    sources = [load_source(s, args.validation_split_percentage) for s in args.sources]
+    tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path, args.vocab_size, sources, PartialState())
     tokenizer_ready = time.perf_counter()
-    manifest = write_token_store(args.data_dir, raw, text_column, tokenizer, source_identity(args),
-                                 args.preprocessing_num_workers, shard_documents=args.shard_documents)
+    manifest = write_token_store(args.data_dir, sources, tokenizer, args.preprocessing_num_workers,
+                                 shard_documents=args.shard_documents)
     seconds = time.perf_counter() - tokenizer_ready
-    for source in manifest["sources"]:
+    for number, source in enumerate(manifest["sources"]):  # train.py --train_weights weighs them in this order
         counts = ", ".join(f"{split} {s['tokens']:,} tokens in {s['documents']:,} documents"
                            for split, s in source["splits"].items())
-        print(f"{source['label']}: {counts}")
+        print(f"source {number} {source['label']}: {counts}")
     total = sum(s["tokens"] for source in manifest["sources"] for s in source["splits"].values())
     print(json.dumps({"data_dir": args.data_dir, "tokens": total, "content_id": manifest["content_id"],
                       "tokenize_seconds": round(seconds, 2), "total_seconds": round(time.perf_counter() - start, 2)}))

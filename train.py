@@ -21,8 +21,7 @@ from tqdm.auto import tqdm
 from utils.checkpoint import Checkpointer
 from utils.config import parse_args
 from utils.errors import run_cli
-from utils.data import (IGNORE_INDEX, build_dataloaders, load_raw_datasets, load_tokenizer, open_blocks, resolve_text_column,
-                        source_identity, store_tokenizer, tokenize_and_pack)
+from utils.data import IGNORE_INDEX, build_dataloaders, load_tokenizer, open_blocks, store_tokenizer, tokenize_and_pack
 from utils.faults import EXIT_PREEMPTED, NonFiniteGuard, StopSignal
 from utils.files import write_atomic
 from utils.generate import generate
@@ -31,30 +30,40 @@ from utils.metrics import TrainingMetrics, device_peak_flops, perplexity, tracke
 from utils.model import build_model, load_base_config, model_config, parameter_count, training_flops_per_token
 from utils.optim import build_optimizer, build_scheduler
 from utils.distributed import preflight
-from utils.report import write_report
+from utils.report import weight_text, write_report
+from utils.sources import load_source
 from utils.stream import stream_blocks
 
 
 @torch.no_grad()
-def evaluate(model, eval_dataloader, accelerator):
-    """Mean loss per predicted token over the whole validation split, each block counted once across processes."""
+def evaluate(model, eval_dataloader, accelerator, source_names):
+    """Loss per predicted token over every source's validation blocks, each block counted once across
+    processes: (the overall loss, {source name: its own loss} when there are several sources)."""
     model.eval()
-    sums, counts = [], []
+    sums, counts, sources = [], [], []
     for batch in eval_dataloader:
+        source = batch.pop("source")  # which source each block is from
         labels = batch.pop("labels")[:, 1:]  # token t+1 is predicted at position t
         logits = model(**batch, use_cache=False).logits
         token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), reduction="none")
         sums.append(accelerator.gather_for_metrics(token_loss.view(labels.shape).sum(dim=1)))
         counts.append(accelerator.gather_for_metrics((labels != IGNORE_INDEX).sum(dim=1)))
+        sources.append(accelerator.gather_for_metrics(source))
     model.train()
-    return (torch.cat(sums).sum() / torch.cat(counts).sum()).item()
+    sums, counts, sources = torch.cat(sums), torch.cat(counts), torch.cat(sources)
+    by_source = {name: (sums[sources == i].sum() / counts[sources == i].sum()).item()
+                 for i, name in enumerate(source_names)} if len(source_names) > 1 else {}
+    return (sums.sum() / counts.sum()).item(), by_source
 
 
-def evaluate_only(model, eval_dataloader, accelerator, args, eval_blocks):
+def evaluate_only(model, eval_dataloader, accelerator, args, blocks):
     """--eval_only: loss and perplexity of --model_name_or_path on the validation split; nothing is trained."""
-    eval_loss = evaluate(model, eval_dataloader, accelerator)
-    results = dict(eval_loss=eval_loss, perplexity=perplexity(eval_loss), eval_tokens=eval_blocks * args.block_size,
-                   model=args.model_name_or_path, block_size=args.block_size)
+    eval_loss, by_source = evaluate(model, eval_dataloader, accelerator, [b["label"] for b in blocks])
+    results = dict(eval_loss=eval_loss, perplexity=perplexity(eval_loss),
+                   eval_tokens=sum(len(b["validation"]) for b in blocks) * args.block_size,
+                   model=args.model_name_or_path, block_size=args.block_size,
+                   sources=[dict(source=b["label"], identity=b["identity"], eval_loss=by_source.get(b["label"], eval_loss))
+                            for b in blocks])
     if accelerator.is_main_process:
         write_atomic(os.path.join(args.output_dir, "eval_results.json"), json.dumps(results, indent=2))
         print(f"{args.model_name_or_path}: eval loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.2f} over "
@@ -85,11 +94,11 @@ def main(argv=None):
         model, optimizer, train_dataloader, eval_dataloader)
     lr_scheduler = build_scheduler(optimizer, args.lr_scheduler_type, args.num_warmup_steps, max_steps, args.min_lr_ratio)
     accelerator.register_for_checkpointing(lr_scheduler)
-    train_size = f"{len(blocks['train'])} train blocks ({steps_per_epoch} steps/epoch)" if steps_per_epoch else "streamed"
-    accelerator.print(f"model: {n_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs/token | data: "
-                      f"{train_size}, {len(blocks['validation'])} validation blocks of {args.block_size} | {max_steps} steps")
+    accelerator.print(f"model: {n_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs/token | "
+                      f"data: {describe_data(blocks, train_order, args.block_size)} | {max_steps} steps")
     if args.eval_only:  # measure an existing model through the same data pipeline, then stop
-        return evaluate_only(model, eval_dataloader, accelerator, args, len(blocks["validation"]))
+        return evaluate_only(model, eval_dataloader, accelerator, args, blocks)
+    source_names = [b["label"] for b in blocks]
 
     # ---- Resume or start ----
     state = checkpointer.restore(accelerator, model, train_order, samples_per_step, vars(args), (config, tokenizer))
@@ -99,8 +108,8 @@ def main(argv=None):
     accelerator.init_trackers(args.project_name, config=plan.tracker_config(args),
                               init_kwargs=tracker_init_kwargs(args.output_dir, args.run_name))
     if state.initial_eval_loss is None:
-        state.initial_eval_loss = evaluate(model, eval_dataloader, accelerator)
-        metrics.eval_done(0, state.initial_eval_loss)
+        state.initial_eval_loss, by_source = evaluate(model, eval_dataloader, accelerator, source_names)
+        metrics.eval_done(0, state.initial_eval_loss, by_source)
     progress = tqdm(total=max_steps, initial=state.step, disable=not accelerator.is_local_main_process,
                     desc="training", file=sys.stdout)  # stderr stays for warnings and errors
     stop = StopSignal()
@@ -136,8 +145,8 @@ def main(argv=None):
 
             with metrics.paused():  # evaluation and saving are not training time
                 if (args.eval_steps and state.step % args.eval_steps == 0) or state.step == max_steps:
-                    eval_loss = evaluate(model, eval_dataloader, accelerator)
-                    metrics.eval_done(state.step, eval_loss)
+                    eval_loss, by_source = evaluate(model, eval_dataloader, accelerator, source_names)
+                    metrics.eval_done(state.step, eval_loss, by_source)
                 saved = checkpointer.save(state) if checkpointer.due(state.step) else None
             if stop.agreed(accelerator):  # preemption / Ctrl-C: keep this step, then exit
                 save_and_exit(accelerator, checkpointer, state, saved, stop)
@@ -148,10 +157,12 @@ def main(argv=None):
     stop.close()
 
     if eval_loss is None:  # resumed at the end: nothing was trained in this run
-        eval_loss = evaluate(model, eval_dataloader, accelerator)
+        eval_loss, by_source = evaluate(model, eval_dataloader, accelerator, source_names)
+    sources = source_results(blocks, train_order, state, samples_per_step, args.block_size, eval_loss, by_source) \
+        if accelerator.is_main_process else None  # only the main process reads a stream: only it knows the draws
     finish(model, tokenizer, accelerator, args, plan, state, eval_loss,
            dict(train_tokens=state.step * samples_per_step * args.block_size, **metrics.summary(),
-                nonfinite_steps=nonfinite.total, parameters=n_params))
+                nonfinite_steps=nonfinite.total, parameters=n_params, sources=sources))
 
 
 def setup(args):
@@ -173,22 +184,47 @@ def setup(args):
 
 
 def load_data(args, accelerator, base_config, samples_per_step):
-    """(tokenizer, the model config that embeds it, blocks, train loader, validation loader, the TrainOrder)."""
+    """(tokenizer, the model config that embeds it, blocks per source, train loader, validation loader,
+    the TrainOrder)."""
     if args.data_dir:  # written by prepare_data.py: memory-mapped, nothing is read or tokenized here
         tokenizer = store_tokenizer(args.data_dir, args.tokenizer_name or args.model_name_or_path)
         config = model_config(args, base_config, tokenizer)
-        blocks = open_blocks(args.data_dir, args.block_size, args.max_eval_samples)
+        blocks = open_blocks(args.data_dir, args.block_size, args.max_eval_samples, args.train_weights)
     else:
-        raw = load_raw_datasets(args)
-        text_column = resolve_text_column(raw["train"], args.text_column)
-        tokenizer = load_tokenizer(args, raw["train"], text_column, accelerator)
+        sources = [load_source(s, args.validation_split_percentage, args.streaming) for s in args.sources]
+        tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path, args.vocab_size, sources, accelerator)
         config = model_config(args, base_config, tokenizer)  # a tokenizer the model cannot embed fails before tokenizing
         if args.streaming:  # tokenized and packed on the fly while training; only validation blocks are made now
-            blocks = stream_blocks(raw, text_column, tokenizer, args)
+            blocks = stream_blocks(sources, tokenizer, args.block_size, args.stream_shuffle_blocks, args.seed,
+                                   args.max_eval_samples)
         else:  # tokenized once into a token store in the cache, like prepare_data.py's
-            blocks = tokenize_and_pack(raw, text_column, tokenizer, args, accelerator, source_identity(args))
-    masking = tokenizer.eos_token_id if args.document_masking else None
-    return tokenizer, config, blocks, *build_dataloaders(blocks, args, samples_per_step, document_masking_eos=masking)
+            blocks = tokenize_and_pack(sources, tokenizer, args.block_size, accelerator, args.max_eval_samples,
+                                       args.preprocessing_num_workers)
+    loaders = build_dataloaders(blocks, samples_per_step, args.per_device_train_batch_size,
+                                args.per_device_eval_batch_size, args.seed, args.dataloader_num_workers,
+                                document_masking_eos=tokenizer.eos_token_id if args.document_masking else None)
+    return tokenizer, config, blocks, *loaders
+
+
+def describe_data(blocks, train_order, block_size):
+    """'N train blocks (S steps/epoch), V validation blocks of B', and the sources of a mixture."""
+    validation = sum(len(b["validation"]) for b in blocks)
+    if train_order.steps_per_epoch is None:
+        train = "streamed"
+    else:
+        train = f"{sum(len(b['train']) for b in blocks)} train blocks ({train_order.steps_per_epoch} steps/epoch)"
+    if len(blocks) > 1:
+        train += " from " + ", ".join(f"{b['label']} (weight {weight_text(b['weight'])})" for b in blocks)
+    return f"{train}, {validation} validation blocks of {block_size}"
+
+
+def source_results(blocks, train_order, state, samples_per_step, block_size, eval_loss, eval_by_source):
+    """results.json `sources`: each source's identity, weight, the train tokens drawn from it, its eval loss."""
+    samples = state.step * samples_per_step
+    drawn = [samples] if len(blocks) == 1 else train_order.drawn(samples)
+    return [dict(source=b["label"], identity=b["identity"], weight=b["weight"], train_tokens=n * block_size,
+                 share=n / max(sum(drawn), 1), eval_loss=eval_by_source.get(b["label"], eval_loss))
+            for b, n in zip(blocks, drawn)]
 
 
 def save_and_exit(accelerator, checkpointer, state, saved, stop):

@@ -34,7 +34,7 @@ def parse():
 
 def build_corpus(path, megabytes):
     """JSON lines of real prose, repeated to size (the tokenizer's speed does not depend on novelty)."""
-    from utils.data import embedded_corpus_file
+    from utils.sources import embedded_corpus_file
 
     lines = Path(embedded_corpus_file()).read_text()
     copies = -(-megabytes * 2**20 // len(lines.encode()))
@@ -46,21 +46,21 @@ def default_tokenizer():
     """The default job's tokenizer (trained on the embedded corpus once, then cached)."""
     from accelerate import PartialState
     from utils.config import parse_args
-    from utils.data import load_raw_datasets, load_tokenizer
+    from utils.data import load_tokenizer
+    from utils.sources import load_source
 
     args = parse_args([])
-    return load_tokenizer(args, load_raw_datasets(args)["train"], "text", PartialState())
+    return load_tokenizer(None, args.vocab_size, [load_source(args.sources[0])], PartialState())
 
 
 def ours(raw, tokenizer, block):
-    import argparse as ap
-
     from accelerate import PartialState
     from datasets import DatasetDict
     from utils.data import tokenize_and_pack
+    from utils.sources import in_memory_source
 
-    args = ap.Namespace(block_size=block, preprocessing_num_workers=None)
-    return len(tokenize_and_pack(DatasetDict(train=raw), "text", tokenizer, args, PartialState())["train"]) * block
+    source = in_memory_source(DatasetDict(train=raw, validation=raw.select(range(10))))  # 10 documents: noise
+    return len(tokenize_and_pack([source], tokenizer, block, PartialState())[0]["train"]) * block
 
 
 def encoder(raw, tokenizer, block):

@@ -39,13 +39,14 @@ def data_and_model(args):
     """The default job's packed blocks and a freshly initialized preset, exactly as train.py builds them."""
     from accelerate import PartialState
     from utils.config import parse_args as train_args
-    from utils.data import load_raw_datasets, load_tokenizer, tokenize_and_pack
+    from utils.data import load_tokenizer, tokenize_and_pack
     from utils.model import build_model, model_config
+    from utils.sources import load_source
 
     targs = train_args(["--model_preset", args.preset, "--block_size", str(args.block)])
-    raw = load_raw_datasets(targs)
-    tokenizer = load_tokenizer(targs, raw["train"], "text", PartialState())
-    blocks = tokenize_and_pack(raw, "text", tokenizer, targs, PartialState())["train"]
+    sources = [load_source(targs.sources[0])]
+    tokenizer = load_tokenizer(None, targs.vocab_size, sources, PartialState())
+    blocks = tokenize_and_pack(sources, tokenizer, targs.block_size, PartialState())[0]["train"]
     return blocks, build_model(model_config(targs, None, tokenizer), seed=targs.seed)
 
 

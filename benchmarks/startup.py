@@ -8,29 +8,16 @@ step's record in metrics.jsonl (start-up, imports, data, model, the step-0 evalu
 """
 
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks import common  # noqa: E402
 
 
 def time_to_first_step(hf_home, out):
-    metrics = Path(out) / "metrics.jsonl"
-    start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", "29899",
-                                str(ROOT / "train.py"), "--max_train_steps", "1", "--output_dir", out,
-                                "--sample_max_new_tokens", "1"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, env={**os.environ, "HF_HOME": hf_home})
-    while not (metrics.exists() and '"loss"' in metrics.read_text()):
-        if process.poll() is not None:
-            sys.exit("train.py ended before its first step")
-        time.sleep(0.05)
-    first_step = time.perf_counter() - start
-    process.wait()
-    return first_step, time.perf_counter() - start
+    return common.time_to_first_step(["--max_train_steps", "1"], out, env={"HF_HOME": hf_home})
 
 
 def main():

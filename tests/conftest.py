@@ -82,19 +82,20 @@ def launch(args, num_processes=1, config_file=None, extra_env=None, check=True, 
 
 def saved_model_eval_loss(model_dir, train_file, block_size=32):
     """Validation loss of a saved model, recomputed in this process through the same data pipeline."""
-    import argparse
 
     import torch
     from accelerate import PartialState
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from utils.data import load_raw_datasets, tokenize_and_pack
+    from utils.config import parse_args
+    from utils.data import tokenize_and_pack
+    from utils.sources import load_source
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    args = argparse.Namespace(dataset_name=None, train_file=str(train_file), validation_file=None,
-                              validation_split_percentage=5, block_size=block_size, preprocessing_num_workers=None)
-    blocks = tokenize_and_pack(load_raw_datasets(args), "text", tokenizer, args, PartialState())["validation"]
+    args = parse_args(["--train_file", str(train_file), "--output_dir", model_dir])
+    sources = [load_source(args.sources[0])]
+    blocks = tokenize_and_pack(sources, tokenizer, block_size, PartialState())[0]["validation"]
     with torch.no_grad():
         losses = [model(input_ids=blocks[i]["input_ids"][None], labels=blocks[i]["input_ids"][None]).loss
                   for i in range(len(blocks))]

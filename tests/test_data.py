@@ -1,6 +1,5 @@
 """Packing, tokenizer training and the resumable sampler, without launching training."""
 
-import argparse
 
 import numpy as np
 import pytest
@@ -8,26 +7,22 @@ from accelerate import PartialState
 from datasets import Dataset, DatasetDict
 
 from utils.errors import UserError
-from utils.data import ResumableSampler, load_tokenizer, tokenize_and_pack
+from utils.data import load_tokenizer, tokenize_and_pack
+from utils.mixture import MixtureSampler
+from utils.sources import in_memory_source
 
 DOCS = [f"document {i} " + "word " * (i * 7 % 23) for i in range(200)]
-
-
-def make_args(**overrides):
-    defaults = dict(block_size=16, vocab_size=300, tokenizer_name=None, model_name_or_path=None,
-                    preprocessing_num_workers=None)
-    return argparse.Namespace(**{**defaults, **overrides})
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
     raw = Dataset.from_dict({"text": DOCS})
-    return load_tokenizer(make_args(), raw, "text", PartialState())
+    return load_tokenizer(None, 300, [in_memory_source({"train": raw})], PartialState())
 
 
-def pack(docs, tokenizer, **args):
+def pack(docs, tokenizer, block_size=16):
     raw = DatasetDict(train=Dataset.from_dict({"text": docs}), validation=Dataset.from_dict({"text": docs[:50]}))
-    return tokenize_and_pack(raw, "text", tokenizer, make_args(**args), PartialState())
+    return tokenize_and_pack([in_memory_source(raw)], tokenizer, block_size, PartialState())[0]
 
 
 def test_packing_keeps_every_token_with_eos_between_documents(tokenizer):
@@ -66,7 +61,7 @@ def test_trained_tokenizer_round_trips_text(tokenizer):
 
 
 def test_sampler_is_a_fixed_shuffle_cut_to_whole_steps():
-    sampler = ResumableSampler(num_samples=103, samples_per_step=10, seed=1)
+    sampler = MixtureSampler([103], [None], samples_per_step=10, seed=1)
     first = list(sampler)
     assert len(first) == len(sampler) == 100 and len(set(first)) == 100
     assert list(sampler) == first  # same epoch, same order
@@ -75,7 +70,7 @@ def test_sampler_is_a_fixed_shuffle_cut_to_whole_steps():
 
 
 def test_sampler_resumes_mid_epoch_without_reading_skipped_samples():
-    sampler = ResumableSampler(num_samples=50, samples_per_step=5, seed=3)
+    sampler = MixtureSampler([50], [None], samples_per_step=5, seed=3)
     sampler.set_epoch(2)
     full = list(sampler)
     sampler.start_at(sampler.position(15))

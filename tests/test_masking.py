@@ -71,8 +71,9 @@ def test_masked_block_loss_equals_its_documents_run_one_by_one(config, attention
     class Accelerator:  # evaluation's only use of it: gathering across processes (one here)
         gather_for_metrics = staticmethod(lambda x: x)
 
-    loader = [Collate(document_masking_eos=EOS)([{"input_ids": b}]) for b in blocks]
-    assert evaluate(model, loader, Accelerator()) == pytest.approx(alone_sum.item() / alone_count, rel=1e-5)
+    loader = [Collate(document_masking_eos=EOS)([{"input_ids": b, "source": 0}]) for b in blocks]
+    loss, by_source = evaluate(model, loader, Accelerator(), ["data"])
+    assert loss == pytest.approx(alone_sum.item() / alone_count, rel=1e-5) and by_source == {}
 
 
 def test_training_with_document_masking_in_job_and_streamed(tmp_path, corpus):

@@ -1,6 +1,5 @@
 """--streaming: packing on the fly, window shuffle, and exact resume that re-reads one window at most."""
 
-import argparse
 import json
 import shutil
 
@@ -12,7 +11,9 @@ from datasets import Dataset, DatasetDict, load_dataset
 from transformers import AutoModelForCausalLM
 
 from utils.errors import UserError
-from utils.data import document_encoder, load_raw_datasets, load_tokenizer, tokenize_and_pack
+from utils.data import document_encoder, load_tokenizer, tokenize_and_pack
+from utils.config import parse_args
+from utils.sources import in_memory_source, load_source
 from utils.stream import DOCUMENTS_PER_BATCH, StreamedBlocks, hold_out_validation
 
 DOCS = [f"document {i} " + "word " * (i * 7 % 23) + f"end {i}" for i in range(1200)]
@@ -20,8 +21,7 @@ DOCS = [f"document {i} " + "word " * (i * 7 % 23) + f"end {i}" for i in range(12
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    args = argparse.Namespace(vocab_size=300, tokenizer_name=None, model_name_or_path=None)
-    return load_tokenizer(args, Dataset.from_dict({"text": DOCS}), "text", PartialState())
+    return load_tokenizer(None, 300, [in_memory_source({"train": Dataset.from_dict({"text": DOCS})})], PartialState())
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +59,7 @@ def test_stream_order_matches_the_packed_token_file(shards, tokenizer):
     blocks, _ = streamed(shards[:1], tokenizer, window=1, samples_per_step=1)
     whole_file = load_dataset("json", data_files=shards[0], split="train")
     raw = DatasetDict(train=whole_file, validation=whole_file)
-    args = argparse.Namespace(block_size=16, preprocessing_num_workers=None)
-    packed = tokenize_and_pack(raw, "text", tokenizer, args, PartialState())["validation"]
+    packed = tokenize_and_pack([in_memory_source(raw)], tokenizer, 16, PartialState())[0]["validation"]
     assert ids(blocks) == ids(packed[i] for i in range(len(packed)))
     assert blocks.epoch_length == len(packed)
 
@@ -104,11 +103,10 @@ def test_a_stream_shorter_than_one_step_is_an_error(shards, tokenizer):
         ids(blocks)
 
 
-def test_validation_is_held_out_from_the_start_of_the_stream(shards, tokenizer):
-    args = argparse.Namespace(dataset_name=None, train_file=shards[0], validation_file=None, streaming=True,
-                              max_eval_samples=5, block_size=16)
-    raw = load_raw_datasets(args)
-    validation, train = hold_out_validation(raw, "text", document_encoder(tokenizer), args)
+def test_validation_is_held_out_from_the_start_of_the_stream(shards, tokenizer, tmp_path):
+    args = parse_args(["--train_file", shards[0], "--streaming", "--max_train_steps", "1", "--output_dir", str(tmp_path)])
+    raw = load_source(args.sources[0], streaming=True)["splits"]
+    validation, train = hold_out_validation(raw, "text", document_encoder(tokenizer), 16, max_eval_samples=5)
     assert len(validation) == 5
     texts = [d["text"] for d in train]
     held_out = len(DOCS) // 3 - len(texts)  # just the documents that fill the validation blocks
@@ -208,9 +206,9 @@ def hub_style_dataset(tmp_path_factory, corpus):
     return root
 
 
-def test_stream_reshuffles_the_shard_order_every_epoch(hub_style_dataset, tokenizer):
-    raw = load_raw_datasets(argparse.Namespace(dataset_name=str(hub_style_dataset), dataset_config_name=None,
-                                               streaming=True))
+def test_stream_reshuffles_the_shard_order_every_epoch(hub_style_dataset, tokenizer, tmp_path):
+    args = parse_args(["--dataset_name", str(hub_style_dataset), "--output_dir", str(tmp_path)])
+    raw = load_source(args.sources[0], streaming=True)["splits"]
     assert raw["train"].num_shards == 3
     blocks = StreamedBlocks(raw["train"], "text", document_encoder(tokenizer), 64, 1, seed=0)
     orders = []

@@ -46,11 +46,12 @@ def test_scripts_at_the_top_library_in_utils():
 
 def test_sampler_and_stream_offer_one_train_order_interface():
     """The loop and the checkpointer never ask which one they have."""
-    from utils.data import ResumableSampler, TrainOrder
+    from utils.data import TrainOrder
+    from utils.mixture import MixedStreams, MixtureSampler
     from utils.stream import StreamedBlocks
 
-    for cls in (ResumableSampler, StreamedBlocks):
+    for cls in (MixtureSampler, StreamedBlocks, MixedStreams):
         for method in ("set_epoch", "position", "start_at"):
             assert callable(getattr(cls, method, None)), f"{cls.__name__} lacks {method}()"
-    assert ResumableSampler(10, 4, seed=0).steps_per_epoch == 2
+    assert MixtureSampler([10], [None], 4, seed=0).steps_per_epoch == 2
     assert set(TrainOrder.__annotations__) == {"steps_per_epoch"}

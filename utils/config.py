@@ -11,11 +11,11 @@ import yaml
 
 from utils import errors
 from utils.errors import UserError
+from utils.sources import check_weights, parse_sources
 from utils.store import read_manifest
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 REPORT_TO = ("none", "tensorboard", "wandb", "all")
-LOCAL_DATA_EXTENSIONS = {"txt": "text", "json": "json", "jsonl": "json", "csv": "csv", "parquet": "parquet"}
 
 
 def build_parser():
@@ -26,7 +26,11 @@ def build_parser():
     # Data
     add("--dataset_name", help="Hub dataset name (default: the embedded offline corpus)")
     add("--dataset_config_name", help="the Hub dataset's configuration (subset) name")
-    add("--train_file", help="local .txt/.json/.jsonl/.csv/.parquet file")
+    add("--train_file", nargs="+", metavar="FILE_OR_GLOB",
+        help="local .txt/.json/.jsonl/.csv/.parquet files: several values (or globs, one source each) make a mixture")
+    add("--train_weights", nargs="+", type=float, metavar="W",
+        help="relative weight of each --train_file source (default: each weighs its size); 0: evaluated, not trained")
+    add("--datasets", help=argparse.SUPPRESS)  # a recipe key: the list of sources (utils/sources.py)
     add("--validation_file", help="local validation file, same formats as --train_file (default: hold out part of train)")
     add("--validation_split_percentage", type=int, default=5,
         help="percent of train held out for validation when there is no validation split")
@@ -108,15 +112,24 @@ def build_parser():
     return p
 
 
-def parse_args(argv=None, parser=None):
-    """train.py's flags (or `parser`'s, a build_parser() with more) from the command line and a recipe."""
+def parse_args(argv=None, parser=None, writes_store=False):
+    """train.py's flags (or `parser`'s, a build_parser() with more) from the command line and a recipe;
+    writes_store: for prepare_data.py, whose --data_dir is the store to write, not one to read."""
     parser = parser or build_parser()
     recipe_path = _recipe_path(argv)
     if recipe_path:
         parser.set_defaults(**load_recipe(recipe_path, parser))
     args = parser.parse_args(argv)
     errors.show_tracebacks = args.debug  # from the command line or the recipe
-    validate(args)
+    validate(args, writes_store)
+    if args.data_dir and not writes_store:  # a store holds its sources; a recipe's datasets: list may weigh them
+        args.sources = None
+        if args.datasets is not None and args.train_weights is None:
+            args.train_weights = [entry.get("weight") for entry in args.datasets if isinstance(entry, dict)]
+            check_weights(args.train_weights)
+            args.train_weights = None if args.train_weights[0] is None else args.train_weights
+    else:
+        args.sources = parse_sources(args)
     args.run_name = args.run_name or os.path.basename(os.path.abspath(args.output_dir))
     return args
 
@@ -147,7 +160,7 @@ def load_recipe(path, parser):
     return recipe
 
 
-def validate(args):
+def validate(args, writes_store=False):
     """Cheap checks that must fail before any model or data is loaded."""
     for flag in ("block_size", "per_device_train_batch_size", "per_device_eval_batch_size",
                  "gradient_accumulation_steps", "logging_steps", "num_train_epochs"):
@@ -167,7 +180,7 @@ def validate(args):
     if args.streaming and args.dataloader_num_workers:
         raise UserError("--streaming reads in the main process, whose position a checkpoint records (the tokenizer "
                         "uses every core itself): drop --dataloader_num_workers")
-    if args.data_dir and not getattr(args, "writing_store", False):
+    if args.data_dir and not writes_store:
         given = [f"--{flag}" for flag in ("dataset_name", "train_file", "validation_file", "streaming") if getattr(args, flag)]
         if given:
             raise UserError(f"--data_dir holds the tokenized data: drop {', '.join(given)} (they went to prepare_data.py)")
@@ -185,21 +198,8 @@ def validate(args):
 
         check_can_push()
     _check_output_dir(args.output_dir)
-    for flag in ("train_file", "validation_file"):
-        path = getattr(args, flag)
-        if path is None:
-            continue
-        if not os.path.isfile(path):
-            raise UserError(f"--{flag} {path} does not exist: check the path")
-        if not os.access(path, os.R_OK):
-            raise UserError(f"--{flag} {path} is not readable: check its permissions")
-        if local_data_builder(path) is None:
-            raise UserError(f"--{flag} {path}: unsupported extension, use one of {sorted(LOCAL_DATA_EXTENSIONS)}")
-
-
-def local_data_builder(path):
-    """The `datasets` builder name for a local data file, or None for an unsupported extension."""
-    return LOCAL_DATA_EXTENSIONS.get(path.rsplit(".", 1)[-1].lower())
+    if args.train_weights is not None and not (args.train_file or args.data_dir):
+        raise UserError("--train_weights weighs the --train_file sources (or a --data_dir store's): give those")
 
 
 def _check_output_dir(path):

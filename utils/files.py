@@ -5,6 +5,11 @@ power loss, because the data reaches the disk before the rename that publishes i
 import errno
 import os
 import shutil
+from pathlib import Path
+
+from huggingface_hub.constants import HF_HOME
+
+CACHE_ROOT = Path(HF_HOME) / "clm-train"  # this project's caches: corpus, tokenizers, token stores
 
 
 def temporary_name(path):

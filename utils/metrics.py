@@ -182,10 +182,15 @@ class TrainingMetrics:
         self.window_steps = 0
         return mean_loss, tokens_per_second
 
-    def eval_done(self, step, eval_loss):
-        self.log.log(step, eval_loss=eval_loss, perplexity=perplexity(eval_loss))
+    def eval_done(self, step, eval_loss, by_source=None):
+        """Log the validation loss, and each source's (eval_loss/NAME) in a mixture."""
+        by_source = by_source or {}
+        self.log.log(step, eval_loss=eval_loss, perplexity=perplexity(eval_loss),
+                     **{f"eval_loss/{name}": loss for name, loss in by_source.items()})
         if self.accelerator.is_main_process:  # tqdm.write: above the progress bar, not through it
-            tqdm.write(f"step {step}: eval loss {eval_loss:.4f}, perplexity {perplexity(eval_loss):.1f}", file=sys.stdout)
+            each = "".join(f", {name} {loss:.4f}" for name, loss in by_source.items())
+            tqdm.write(f"step {step}: eval loss {eval_loss:.4f}{each}, perplexity {perplexity(eval_loss):.1f}",
+                       file=sys.stdout)
 
     def paused(self):
         return self.timer.paused()

@@ -195,11 +195,34 @@ def describe_model(config):
 
 
 def describe_data(config):
+    sources = config.get("sources") or []
+    if config.get("data_dir"):
+        return f"token store {config['data_dir']}"
+    if len(sources) > 1:
+        return ", ".join(f"{s['label']} (weight {weight_text(s['weight'])})" for s in sources)
     if config.get("dataset_name"):
         return " / ".join(filter(None, (config["dataset_name"], config.get("dataset_config_name"))))
-    if config.get("train_file"):
-        return os.path.basename(config["train_file"])
+    if sources and sources[0].get("kind") == "files":
+        return sources[0]["label"]
     return "embedded corpus (Python's documentation)"
+
+
+def weight_text(weight):
+    """A source's weight as given, or 'its size' when none was (the mixture is then the concatenation)."""
+    return "its size" if weight is None else f"{weight:g}"
+
+
+def sources_table(run):
+    """Per source of a mixture: weight, train tokens drawn (share), final eval loss."""
+    sources = (run.results or {}).get("sources") or []
+    if len(sources) < 2:
+        return None
+    lines = ["| source | weight | train tokens (share) | eval loss |", "|---|---|---|---|"]
+    for s in sources:
+        loss = f"{s['eval_loss']:.4f}" if s.get("eval_loss") is not None else "-"
+        lines.append(f"| {s['source']} | {weight_text(s['weight'])} | "
+                     f"{millions(s['train_tokens'])} ({s['share']:.1%}) | {loss} |")
+    return "\n".join(lines)
 
 
 def _table(header, rows):
@@ -224,6 +247,9 @@ def write_plots(run):
     train, evals = run.train_records, run.eval_records
     curves = {
         "loss": ("Loss", "loss", [("training", train, "loss", "-"), ("eval", evals, "eval_loss", "o-")]),
+        "eval_loss_by_source": ("Eval loss by source", "loss", [
+            (key.split("/", 1)[1], evals, key, "o-") for key in sorted({k for r in evals for k in r})
+            if key.startswith("eval_loss/")]),
         "lr": ("Learning rate", "learning rate", [("lr", train, "lr", "-")]),
         "tokens_per_second": ("Throughput", "tokens / s", [("tokens/s", train, "tokens_per_second", "-")]),
     }
@@ -271,7 +297,10 @@ def write_report(output_dir):
         lines += [f"**Eval perplexity {perplexity(h['initial_eval_loss']):.1f} → {perplexity(h['eval_loss']):.1f}** "
                   f"(loss {h['initial_eval_loss']:.4f} → {h['eval_loss']:.4f}, "
                   f"{perplexity(h['initial_eval_loss'] - h['eval_loss']):.1f}x lower)", ""]
-    lines += ["## Metrics", "", metrics_table(run), "", "## Batch", "", batch_math(run), "",
+    lines += ["## Metrics", "", metrics_table(run), ""]
+    if sources_table(run):
+        lines += ["## Sources", "", sources_table(run), ""]
+    lines += ["## Batch", "", batch_math(run), "",
               "## Config", "", config_table(run), ""]
     plots = write_plots(run)
     if plots:

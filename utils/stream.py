@@ -27,24 +27,31 @@ _KEPT_ANCHORS = 8  # windows a checkpoint may lag behind the reader (prefetching
 logging.getLogger("datasets.iterable_dataset").addFilter(lambda record: "shuffle buffer" not in record.getMessage())
 
 
-def stream_blocks(raw, text_column, tokenizer, args):
-    """{'train': StreamedBlocks, 'validation': PackedBlocks}: only the validation blocks are made up front."""
+def stream_blocks(sources, tokenizer, block_size, window_blocks, seed, max_eval_samples=None):
+    """Per source (utils/sources.py load_source), as utils/data.py open_blocks gives them: {'label',
+    'identity', 'weight', 'train': StreamedBlocks, 'validation': PackedBlocks}; only the validation
+    blocks are made up front."""
     encode = document_encoder(tokenizer)
-    validation, train = hold_out_validation(raw, text_column, encode, args)
-    return {"train": StreamedBlocks(train, text_column, encode, args.block_size, args.stream_shuffle_blocks, args.seed),
-            "validation": validation}
+    blocks = []
+    for number, source in enumerate(sources):
+        validation, train = hold_out_validation(source["splits"], source["text_column"], encode, block_size,
+                                                max_eval_samples, source=number)
+        blocks.append({"label": source["label"], "identity": source["identity"], "weight": source["weight"],
+                       "train": StreamedBlocks(train, source["text_column"], encode, block_size, window_blocks, seed),
+                       "validation": validation})
+    return blocks
 
 
-def hold_out_validation(raw, text_column, encode, args):
+def hold_out_validation(raw, text_column, encode, block_size, max_eval_samples=None, source=None):
     """(validation blocks in memory, the training stream).
 
-    The validation split's first --max_eval_samples blocks; without a validation split, the first
-    training documents that fill them are held out and skipped by training (which keeps the
+    The validation split's first max_eval_samples blocks (default 512); without a validation split, the
+    first training documents that fill them are held out and skipped by training (which keeps the
     stream's shard order fixed: `datasets` cannot skip within reshuffled shards)."""
-    wanted = (args.max_eval_samples or DEFAULT_EVAL_BLOCKS) * args.block_size
-    source = raw["validation"] if "validation" in raw else raw["train"]
+    wanted = (max_eval_samples or DEFAULT_EVAL_BLOCKS) * block_size
+    stream = raw["validation"] if "validation" in raw else raw["train"]
     pieces, have, documents = [], 0, 0
-    for batch in source.iter(batch_size=DOCUMENTS_PER_BATCH):
+    for batch in stream.iter(batch_size=DOCUMENTS_PER_BATCH):
         texts = batch[text_column]
         encoded = iter(encode(texts))  # empty texts have no entry
         for text in texts:
@@ -57,11 +64,11 @@ def hold_out_validation(raw, text_column, encode, args):
         if have >= wanted:
             break
     tokens = np.fromiter(chain.from_iterable(pieces), dtype=np.int32, count=have)[:wanted]
-    if len(tokens) < args.block_size:
-        raise UserError(f"the validation data has {len(tokens)} tokens, fewer than one block of {args.block_size}: "
+    if len(tokens) < block_size:
+        raise UserError(f"the validation data has {len(tokens)} tokens, fewer than one block of {block_size}: "
                         "give more data or a smaller --block_size")
     train = raw["train"].skip(documents) if "validation" not in raw else raw["train"]
-    return PackedBlocks(tokens, args.block_size), train
+    return PackedBlocks(tokens, block_size, source=source), train
 
 
 class StreamedBlocks(IterableDataset):
