@@ -2,8 +2,9 @@
 
 An epoch is as many blocks as the trained sources hold together, cut to whole optimizer steps.
 Each source gets its share of the epoch by weight (rounded to whole blocks, largest remainders
-first), and the shares are interleaved smoothly (Sainte-Lague: after any number of draws, each
-source is within one block of its share), so every optimizer step holds the mixture. A source
+first), and the shares are interleaved smoothly (each draw goes to the source furthest behind its
+share: after any number of draws, each source is within one block of its share), so every
+optimizer step holds the mixture. A source
 is read in a fresh shuffle per pass, fixed by (seed, source, pass): one whose share is larger
 than itself repeats (it epochs over itself), one whose share is smaller goes on where it stopped
 in the next epoch, so no block is seen twice before every block of its source has been seen once.
@@ -26,11 +27,20 @@ def apportion(total, weights):
 
 
 def interleave(counts):
-    """Source numbers, `counts[i]` of source i, spread evenly: the k-th block of source i sits at
-    time (k + 1/2) / counts[i], and the blocks are taken in time order (ties to the earlier source)."""
-    times = np.concatenate([(np.arange(c) + 0.5) / c for c in counts if c])
-    sources = np.concatenate([np.full(c, i, dtype=np.int32) for i, c in enumerate(counts) if c])
-    return sources[np.argsort(times, kind="stable")]
+    """Source numbers, `counts[i]` of source i, spread evenly: each draw goes to the source furthest
+    behind its share (smooth weighted round-robin: after n draws, source i is within one block of
+    n x counts[i] / total; ties to the earlier source). Pure Python, ~0.35 s per million draws."""
+    total, counts = int(sum(counts)), [int(c) for c in counts]
+    behind, order = [0] * len(counts), np.empty(total, dtype=np.int32)
+    for n in range(total):
+        best = 0
+        for i, count in enumerate(counts):  # behind[i] = total x (its share of n + 1 draws - drawn)
+            behind[i] += count
+            if behind[i] > behind[best]:
+                best = i
+        behind[best] -= total
+        order[n] = best
+    return order
 
 
 class MixtureSampler(Sampler):
@@ -108,7 +118,7 @@ def mix_streams(streams, weights):
 class MixedStreams(IterableDataset):
     """Several streams drawn block by block by weight, by the same smooth rule as MixtureSampler but over
     the whole run (a stream's length is unknown, so there are no epochs): the next block comes from the
-    source whose (blocks drawn + 1/2) / weight is smallest. A stream that runs out starts its next pass
+    stream furthest behind its share. A stream that runs out starts its next pass
     (new shard order and shuffle): it epochs over itself. Every optimizer step, the blocks drawn from each
     stream and each stream's own position are noted, so a checkpoint resumes exactly, re-reading at most
     one shuffle window per stream. Implements utils/data.py TrainOrder."""
@@ -128,8 +138,8 @@ class MixedStreams(IterableDataset):
         pass  # no epochs: each stream starts its own next pass when it runs out
 
     def _next(self, drawn):
-        times = np.where(self.weights > 0, (np.asarray(drawn) + 0.5) / np.maximum(self.weights, 1e-300), np.inf)
-        return int(np.argmin(times))
+        """The source furthest behind its share of the next draw (interleave's rule, with real weights)."""
+        return int(np.argmax((sum(drawn) + 1) * self.weights / self.weights.sum() - np.asarray(drawn)))
 
     def position(self, samples_into_epoch):
         step, skip = divmod(samples_into_epoch, self.samples_per_step)

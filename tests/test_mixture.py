@@ -1,0 +1,218 @@
+"""Mixtures of sources: blocks drawn by weight, per-source evaluation, exact resume (on disk and streamed).
+
+Tolerance of the drawn shares: blocks are whole, so an epoch's share of each source is rounded to a
+whole block (largest remainders: off by < 1 block), and the interleave keeps every prefix of an epoch
+within 1 block of that share. After n draws a source is therefore within 2 blocks of n x its weight
+share (streams: within 1, they have no epochs to round); nothing looser is accepted.
+"""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from datasets import Dataset
+
+from conftest import TINY, launch, read_metrics, results, train_losses
+from utils.data import document_encoder, load_tokenizer
+from utils.errors import UserError
+from utils.mixture import MixedStreams, MixtureSampler, apportion, interleave
+from utils.sources import in_memory_source
+from utils.stream import StreamedBlocks
+
+
+# --- The order, in-process -------------------------------------------------------------------
+
+@pytest.mark.parametrize("counts", [[3, 1], [700, 200, 100], [1, 1, 1, 997], [5, 0, 11], [2, 3, 5, 7, 11, 13, 17, 19]])
+def test_interleave_keeps_every_prefix_within_one_block_of_its_share(counts):
+    pattern = interleave(counts)
+    total = sum(counts)
+    drawn = np.cumsum(np.eye(len(counts), dtype=np.int64)[pattern], axis=0)  # drawn[n-1, i]: after n draws
+    expected = np.arange(1, total + 1)[:, None] * np.array(counts)[None, :] / total
+    assert np.abs(drawn - expected).max() < 1
+    assert drawn[-1].tolist() == counts
+
+
+def test_apportion_rounds_to_whole_blocks_by_largest_remainder():
+    assert apportion(10, [1, 1, 1]).tolist() == [4, 3, 3]
+    assert apportion(100, [3, 1]).tolist() == [75, 25]
+    assert apportion(7, [0.5, 0, 0.25]).tolist() == [5, 0, 2]
+    assert sum(apportion(1001, [0.3, 0.3, 0.4])) == 1001
+
+
+def test_sampler_draws_by_weight_and_a_small_source_epochs_over_itself():
+    sizes, weights = [500, 40], [1, 3]
+    sampler = MixtureSampler(sizes, weights, samples_per_step=12, seed=5)
+    assert sampler.usable == 540 and sampler.counts.tolist() == [135, 405]
+    seen = [[], []]
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        order = np.array(list(sampler))
+        assert len(order) == 540
+        source = (order >= 500).astype(int)
+        for i in (0, 1):  # every prefix: within 2 blocks of n x weight share (the module docstring)
+            assert np.abs(np.cumsum(source == i) - np.arange(1, 541) * weights[i] / 4).max() <= 2
+            seen[i] += (order[source == i] - [0, 500][i]).tolist()
+    # the big source goes on where it stopped: no block twice before all 500 were seen once
+    assert len(seen[0]) == 4 * 135 and len(set(seen[0][:500])) == 500 and len(set(seen[0][500:])) == 40
+    # the small one is read in whole passes, a new shuffle each: each run of 40 is a permutation
+    passes = [seen[1][k:k + 40] for k in range(0, len(seen[1]) - 39, 40)]
+    assert all(sorted(p) == list(range(40)) for p in passes) and passes[0] != passes[1]
+    assert sampler.drawn(540 * 2 + 100) == [2 * 135 + sum(o < 500 for o in _epoch(sampler, 2)[:100]),
+                                            2 * 405 + sum(o >= 500 for o in _epoch(sampler, 2)[:100])]
+
+
+def _epoch(sampler, epoch):
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def test_sampler_resumes_mid_epoch_and_refuses_a_changed_mixture():
+    sampler = MixtureSampler([300, 60], [2, 1], samples_per_step=10, seed=1)
+    full = _epoch(sampler, 4)
+    sampler.start_at(sampler.position(130))
+    assert list(sampler) == full[130:]
+    assert list(sampler) == full  # the skip applies to one epoch only
+    changed = MixtureSampler([300, 60], [1, 1], samples_per_step=10, seed=1)
+    with pytest.raises(UserError, match="changed since this checkpoint"):
+        changed.start_at(sampler.position(130))
+
+
+def test_a_source_of_weight_zero_is_not_trained_on():
+    sampler = MixtureSampler([100, 50], [1, 0], samples_per_step=10, seed=0)
+    assert sampler.usable == 100 and max(list(sampler)) < 100
+
+
+# --- Streams, in-process ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def encode():
+    from accelerate import PartialState
+
+    texts = Dataset.from_dict({"text": [f"document {i} short text word" for i in range(300)]})
+    return document_encoder(load_tokenizer(None, 300, [in_memory_source({"train": texts})], PartialState()))
+
+
+def stream(texts, encode, window=4):
+    source = Dataset.from_dict({"text": texts}).to_iterable_dataset(num_shards=2)
+    return StreamedBlocks(source, "text", encode, 8, window, seed=3)
+
+
+def mixed(encode, weights=(1, 3)):
+    big = [f"document {i} " + "word " * (i % 13) for i in range(400)]
+    small = [f"short {i} text" for i in range(30)]  # a few blocks: it runs out and starts its next pass
+    return MixedStreams([stream(big, encode), stream(small, encode)], list(weights)).cut_to_steps(4)
+
+
+def take(dataset, n):
+    out = []
+    for block in dataset:
+        out.append(tuple(block["input_ids"].tolist()))
+        if len(out) == n:
+            break
+    return out
+
+
+def test_mixed_streams_draw_by_weight_repeat_a_short_stream_and_resume_exactly(encode):
+    mixture, blocks, positions = mixed(encode), [], {}
+    for block in mixture:
+        blocks.append(tuple(block["input_ids"].tolist()))
+        if len(blocks) in (40, 100, 120):  # step boundaries, some in the short stream's second pass
+            positions[len(blocks)] = json.loads(json.dumps(mixture.position(len(blocks))))  # as a checkpoint has it
+        if len(blocks) == 200:
+            break
+    drawn = mixture.drawn(200)
+    assert abs(drawn[1] - 150) < 1 and sum(drawn) == 200  # streams: no epoch rounding (module docstring)
+    assert mixture.anchors[50]["passes"][1] >= 1  # the short stream was read more than once
+    for at, position in positions.items():
+        again = mixed(encode)
+        again.start_at(position)
+        assert take(again, 200 - at) == blocks[at:], at
+
+
+# --- Real launches ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_source(tmp_path_factory):
+    """A second domain, small enough to run out within a short run (about 25 blocks of 32 tokens)."""
+    path = tmp_path_factory.mktemp("small") / "numbers.txt"
+    path.write_text("\n\n".join(f"The number {i} is {'even' if i % 2 == 0 else 'odd'}." for i in range(80)))
+    return path
+
+
+def mixture_args(corpus, small_source, out, *extra):
+    return ["--train_file", corpus, small_source, "--train_weights", 1, 3, "--output_dir", out, *TINY,
+            "--max_train_steps", 12, "--eval_steps", 6, "--checkpointing_steps", 4, *extra]
+
+
+@pytest.fixture(scope="module")
+def mixture_run(tmp_path_factory, corpus, small_source):
+    out = tmp_path_factory.mktemp("mixture") / "run"
+    launch(mixture_args(corpus, small_source, out))
+    return out
+
+
+def test_mixture_draws_by_weight_and_evaluates_each_source(mixture_run, corpus, small_source, tmp_path):
+    res = results(mixture_run)
+    sources = {s["source"]: s for s in res["sources"]}
+    assert list(sources) == ["corpus", "numbers"]
+    blocks = [sources[name]["train_tokens"] / 32 for name in sources]
+    assert sum(blocks) == 12 * 4 and abs(blocks[1] - 12 * 4 * 3 / 4) <= 2  # tolerance: module docstring
+    assert sources["corpus"]["identity"]["path"] == str(corpus) and sources["numbers"]["weight"] == 3
+    evals = [r for r in read_metrics(mixture_run) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 6, 12]
+    assert all({"eval_loss/corpus", "eval_loss/numbers"} <= set(r) for r in evals)
+    assert evals[-1]["eval_loss/numbers"] == pytest.approx(sources["numbers"]["eval_loss"])
+    assert "## Sources" in (mixture_run / "report.md").read_text()
+    assert (mixture_run / "plots" / "eval_loss_by_source.png").is_file()
+    # each source's loss is the loss of that source alone, through the same pipeline (its own held-out part)
+    for name, path in (("corpus", corpus), ("numbers", small_source)):
+        alone = tmp_path / name
+        launch(["--train_file", path, "--eval_only", "--model_name_or_path", mixture_run, "--output_dir", alone,
+                "--block_size", 32, "--per_device_eval_batch_size", 8])
+        measured = json.loads((alone / "eval_results.json").read_text())["eval_loss"]
+        assert measured == pytest.approx(sources[name]["eval_loss"], rel=1e-5)
+
+
+def test_mixture_resumes_exactly(mixture_run, corpus, small_source, tmp_path):
+    original = train_losses(mixture_run)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(mixture_run, resumed)
+    launch([*mixture_args(corpus, small_source, resumed), "--resume_from_checkpoint",
+            resumed / "checkpoints" / "step_8"])
+    again = train_losses(resumed)
+    assert [again[s] for s in range(9, 13)] == [original[s] for s in range(9, 13)]  # bit for bit
+    assert results(resumed)["sources"] == results(mixture_run)["sources"]
+
+
+def test_streamed_mixture_trains_by_weight_and_resumes_exactly(corpus, small_source, tmp_path):
+    out = tmp_path / "streamed"
+    args = mixture_args(corpus, small_source, out, "--streaming", "--max_eval_samples", 4,
+                        "--stream_shuffle_blocks", 8)
+    launch(args)
+    res = results(out)
+    drawn = [s["train_tokens"] / 32 for s in res["sources"]]
+    assert sum(drawn) == 48 and abs(drawn[1] - 36) <= 1
+    original = train_losses(out)
+    for step in (4, 8):
+        resumed = tmp_path / f"from_{step}"
+        shutil.copytree(out, resumed)
+        launch([*args[:args.index("--output_dir") + 1], resumed, *args[args.index("--output_dir") + 2:],
+                "--resume_from_checkpoint", resumed / "checkpoints" / f"step_{step}"])
+        again = train_losses(resumed)
+        assert [again[s] for s in range(step + 1, 13)] == [original[s] for s in range(step + 1, 13)], step
+
+
+@pytest.mark.distributed
+def test_mixture_on_two_processes_matches_one_and_resumes(mixture_run, corpus, small_source, tmp_path):
+    out = tmp_path / "ddp"
+    args = [*mixture_args(corpus, small_source, out), "--per_device_train_batch_size", 2, "--global_batch_size", 4]
+    launch(args, num_processes=2, config_file="multi_cpu.yaml")
+    assert (results(out)["num_processes"], results(out)["distributed_type"]) == (2, "MULTI_CPU")
+    original, losses = train_losses(mixture_run), train_losses(out)
+    assert max(abs(losses[s] - original[s]) for s in original) < 1e-4
+    assert [s["train_tokens"] for s in results(out)["sources"]] == [s["train_tokens"] for s in
+                                                                    results(mixture_run)["sources"]]
+    launch([*args, "--resume_from_checkpoint", out / "checkpoints" / "step_8"], num_processes=1)  # 2 -> 1 process
+    again = train_losses(out)
+    assert max(abs(again[s] - losses[s]) for s in range(9, 13)) < 1e-4
