@@ -164,3 +164,62 @@ def test_debug_from_a_recipe_shows_tracebacks(tmp_path):
         assert not errors.show_tracebacks
     finally:
         errors.show_tracebacks = False
+
+
+# --- Sources: flags, globs and the recipe's datasets: list (utils/sources.py) ----------------
+
+def test_train_files_globs_and_weights_make_sources(tmp_path):
+    for name in ("web-1.jsonl", "web-2.jsonl", "books.txt"):
+        (tmp_path / name).write_text('{"text": "x"}\n' if name.endswith("jsonl") else "x\n")
+    args = parse_args(["--train_file", str(tmp_path / "web-*.jsonl"), str(tmp_path / "books.txt"),
+                       "--train_weights", "3", "1", "--output_dir", str(tmp_path / "out")])
+    web, books = args.sources
+    assert web["files"] == [str(tmp_path / "web-1.jsonl"), str(tmp_path / "web-2.jsonl")] and web["weight"] == 3
+    assert (books["label"], books["weight"], books["kind"]) == ("books", 1, "files")
+    assert parse_args(["--output_dir", str(tmp_path / "o")]).sources[0]["kind"] == "embedded"
+
+
+def test_recipe_datasets_list_is_the_full_form(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"body": "x"}\n')
+    recipe = write(tmp_path / "r.yaml", f"""datasets:
+  - path: {tmp_path / "a.jsonl"}
+    text_column: body
+    weight: 0.7
+    label: mine
+  - name: org/corpus
+    config: en
+    split: train
+    weight: 0.3
+""")
+    mine, hub = parse_args(["--config", recipe, "--output_dir", str(tmp_path / "out")]).sources
+    assert (mine["label"], mine["text_column"], mine["weight"]) == ("mine", "body", 0.7)
+    assert (hub["kind"], hub["name"], hub["config"], hub["label"], hub["weight"]) == ("hub", "org/corpus", "en",
+                                                                                     "corpus-en", 0.3)
+
+
+ONE = ["--train_file", "{d}/a.jsonl"]
+TWO = ["--train_file", "{d}/a.jsonl", "{d}/b.jsonl"]
+
+
+@pytest.mark.parametrize("argv, recipe, message", [
+    ([*ONE, "--train_weights", "1", "2"], None, "2 values for 1 sources"),
+    ([*TWO, "--train_weights", "0", "0"], None, "at least one positive"),
+    ([*TWO, "--train_weights", "-1", "2"], None, "at least one positive"),
+    (["--train_file", "{d}/nothing-*.jsonl"], None, "matches no file"),
+    ([*TWO, "--validation_file", "{d}/a.jsonl"], None, "goes with one --train_file"),
+    ([*TWO, "--streaming", "--max_train_steps", "5"], None, "needs their weights"),
+    ([], "datasets:\n  - path: {d}/a.jsonl\n    name: x\n", "exactly one of path: .*or name:"),
+    ([], "datasets:\n  - path: {d}/a.jsonl\n    wieght: 2\n", "unknown key.*wieght"),
+    ([], "datasets:\n  - path: {d}/a.jsonl\n    weight: lots\n", "weight 'lots': give a number"),
+    ([], "datasets:\n  - path: {d}/a.jsonl\n    weight: 1\n  - path: {d}/b.jsonl\n", "every source a weight, or none"),
+    ([], "datasets: {d}/a.jsonl\n", "must be a non-empty list"),
+    (ONE, "datasets:\n  - path: {d}/a.jsonl\n", "drop --train_file"),
+])
+def test_bad_sources_are_one_clear_line(tmp_path, argv, recipe, message):
+    for name in ("a.jsonl", "b.jsonl"):
+        (tmp_path / name).write_text('{"text": "x"}\n')
+    argv = [a.format(d=tmp_path) for a in argv] + ["--output_dir", str(tmp_path / "out")]
+    if recipe is not None:
+        argv += ["--config", write(tmp_path / "r.yaml", recipe.format(d=tmp_path))]
+    with pytest.raises(UserError, match=message):
+        parse_args(argv)

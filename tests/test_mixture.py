@@ -185,6 +185,24 @@ def test_mixture_resumes_exactly(mixture_run, corpus, small_source, tmp_path):
     assert results(resumed)["sources"] == results(mixture_run)["sources"]
 
 
+def test_a_mixture_from_a_prepared_store_trains_like_the_in_job_mixture(mixture_run, corpus, small_source, tmp_path):
+    from test_store import prepare, train
+
+    store = tmp_path / "store"
+    done = prepare("--train_file", corpus, small_source, "--tokenizer_name", mixture_run, "--data_dir", store)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "source 0 corpus" in done.stdout and "source 1 numbers" in done.stdout
+    refused = train("--data_dir", store, "--train_weights", 1, "--output_dir", tmp_path / "bad")
+    assert refused.returncode == 2 and "1 values for the 2 sources of token store" in refused.stderr
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+    out = tmp_path / "from_store"
+    args = mixture_args(corpus, small_source, out)
+    launch(["--data_dir", store, *args[args.index("--train_weights"):]])
+    assert train_losses(out) == train_losses(mixture_run)  # the same blocks in the same order, bit for bit
+    assert [s["train_tokens"] for s in results(out)["sources"]] == [s["train_tokens"] for s in
+                                                                    results(mixture_run)["sources"]]
+
+
 def test_streamed_mixture_trains_by_weight_and_resumes_exactly(corpus, small_source, tmp_path):
     out = tmp_path / "streamed"
     args = mixture_args(corpus, small_source, out, "--streaming", "--max_eval_samples", 4,
