@@ -93,7 +93,7 @@ def saved_model_eval_loss(model_dir, train_file, block_size=32):
 
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    args = parse_args(["--train_file", str(train_file), "--output_dir", model_dir])
+    args = parse_args(["--train_file", str(train_file), "--output_dir", str(model_dir)])
     sources = [load_source(args.sources[0])]
     blocks = tokenize_and_pack(sources, tokenizer, block_size, PartialState())[0]["validation"]
     with torch.no_grad():

@@ -142,9 +142,14 @@ def test_every_flag_has_help():
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "recipes").glob("*.yaml")))
-def test_shipped_recipes_parse(recipe):
+def test_shipped_recipes_parse(recipe, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the files a recipe names, relative to where it is run
+    (tmp_path / "data" / "medical").mkdir(parents=True)
+    (tmp_path / "data" / "medical" / "notes.jsonl").write_text('{"text": "x"}\n')
     args = parse_args(["--config", str(ROOT / "recipes" / recipe)])
     assert args.config.endswith(recipe)
+    if recipe == "mixture.yaml":
+        assert [(s["label"], s["weight"]) for s in args.sources] == [("medical", 0.7), ("web", 0.3)]
 
 
 def test_cpu_default_recipe_is_the_default_job():

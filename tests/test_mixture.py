@@ -118,15 +118,17 @@ def test_mixed_streams_draw_by_weight_repeat_a_short_stream_and_resume_exactly(e
     for block in mixture:
         blocks.append(tuple(block["input_ids"].tolist()))
         if len(blocks) in (40, 100, 120):  # step boundaries, some in the short stream's second pass
-            positions[len(blocks)] = json.loads(json.dumps(mixture.position(len(blocks))))  # as a checkpoint has it
+            positions[len(blocks)] = (json.loads(json.dumps(mixture.position(len(blocks)))),  # as a checkpoint has it
+                                      mixture.drawn(len(blocks)))
         if len(blocks) == 200:
             break
     drawn = mixture.drawn(200)
     assert abs(drawn[1] - 150) < 1 and sum(drawn) == 200  # streams: no epoch rounding (module docstring)
     assert mixture.anchors[50]["passes"][1] >= 1  # the short stream was read more than once
-    for at, position in positions.items():
+    for at, (position, drawn) in positions.items():
         again = mixed(encode)
         again.start_at(position)
+        assert again.drawn(at) == drawn  # known before reading again (a run resumed at its end)
         assert take(again, 200 - at) == blocks[at:], at
 
 

@@ -50,7 +50,7 @@ def write_model_card(output_dir, repo_id=None):
         library_name="transformers", pipeline_tag="text-generation",
         tags=[t for t in ("clm-train", "causal-lm", model_type, "text-generation") if t],
         base_model=base_model if base_model and not os.path.isdir(base_model) else None,  # only a Hub name
-        datasets=[config["dataset_name"]] if config.get("dataset_name") else None)
+        datasets=[s["name"] for s in config.get("sources") or [] if s.get("kind") == "hub"] or None)
     results = run.results or {}
     origin = f"continued from `{base_model}`" if base_model else "trained from scratch"
     parameters = f"{millions(results['parameters'])}-parameter " if results.get("parameters") else ""

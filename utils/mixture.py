@@ -150,6 +150,8 @@ class MixedStreams(IterableDataset):
 
     def start_at(self, position):
         self.start = position
+        step = position["samples_into_epoch"] // self.samples_per_step  # known before the stream is read again
+        self.anchors = {step: {key: position[key] for key in ("drawn", "passes", "into_pass", "streams")}}
 
     def drawn(self, samples):
         """Blocks drawn from each stream in the first `samples` of the run (its epoch never ends)."""
