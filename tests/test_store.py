@@ -100,6 +100,15 @@ def test_bad_stores_and_flags_are_one_clear_line(store, corpus, tmp_path):
     json_path.write_text(json.dumps(spec))
     mismatch = train("--data_dir", store, "--tokenizer_name", tokenizer_dir, "--output_dir", tmp_path / "o", *TINY)
     assert "tokenized with another tokenizer" in error(mismatch)
+    # weights are chosen when training: checked against the store's sources, never written into it
+    from prepare_data import main as prepare_main
+    from utils.config import parse_args
+    from utils.errors import UserError
+
+    with pytest.raises(UserError, match="at least one positive"):
+        parse_args(["--data_dir", str(store), "--train_weights", "0", "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(UserError, match="pass --train_weights to train.py"):
+        prepare_main(["--train_file", str(corpus), "--train_weights", "2", "--data_dir", str(tmp_path / "new")])
 
 
 def test_token_width_and_sharded_reads():

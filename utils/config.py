@@ -125,9 +125,10 @@ def parse_args(argv=None, parser=None, writes_store=False):
     if args.data_dir and not writes_store:  # a store holds its sources; a recipe's datasets: list may weigh them
         args.sources = None
         if args.datasets is not None and args.train_weights is None:
-            args.train_weights = [entry.get("weight") for entry in args.datasets if isinstance(entry, dict)]
-            check_weights(args.train_weights)
-            args.train_weights = None if args.train_weights[0] is None else args.train_weights
+            weights = [entry.get("weight") for entry in args.datasets if isinstance(entry, dict)]
+            check_weights(weights)
+            args.train_weights = None if None in weights else weights
+        check_weights(args.train_weights or [])
     else:
         args.sources = parse_sources(args)
     args.run_name = args.run_name or os.path.basename(os.path.abspath(args.output_dir))
