@@ -30,7 +30,7 @@ from utils.metrics import TrainingMetrics, device_peak_flops, perplexity, tracke
 from utils.model import build_model, load_base_config, model_config, parameter_count, training_flops_per_token
 from utils.optim import build_optimizer, build_scheduler
 from utils.distributed import preflight
-from utils.report import weight_text, write_report
+from utils.report import sources_text, write_report
 from utils.sources import load_source
 from utils.stream import stream_blocks
 
@@ -214,7 +214,7 @@ def describe_data(blocks, train_order, block_size):
     else:
         train = f"{sum(len(b['train']) for b in blocks)} train blocks ({train_order.steps_per_epoch} steps/epoch)"
     if len(blocks) > 1:
-        train += " from " + ", ".join(f"{b['label']} (weight {weight_text(b['weight'])})" for b in blocks)
+        train += f" from {sources_text(blocks)}"
     return f"{train}, {validation} validation blocks of {block_size}"
 
 

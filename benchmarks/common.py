@@ -13,14 +13,22 @@ ROOT = Path(__file__).resolve().parent.parent
 _ports = itertools.count(29800)
 
 
-def run_train(train_args, launch_args=("--cpu", "--num_processes", "1", "--mixed_precision", "no"), env=None):
+ONE_CPU_PROCESS = ("--cpu", "--num_processes", "1", "--mixed_precision", "no")
+
+
+def launch_command(train_args, out, launch_args=ONE_CPU_PROCESS, port=None):
+    """`accelerate launch LAUNCH_ARGS train.py TRAIN_ARGS --output_dir OUT`, as a user runs it."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(port or next(_ports)),
+            "--num_machines", "1", "--dynamo_backend", "no", *launch_args,
+            str(ROOT / "train.py"), *map(str, train_args), "--output_dir", str(out), "--sample_max_new_tokens", "1"]
+
+
+def run_train(train_args, launch_args=ONE_CPU_PROCESS, env=None):
     """`accelerate launch LAUNCH_ARGS train.py TRAIN_ARGS` in a temporary output dir:
     (metrics.jsonl records, results.json)."""
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(next(_ports)),
-               "--num_machines", "1", "--dynamo_backend", "no", *launch_args,
-               str(ROOT / "train.py"), *map(str, train_args), "--output_dir", out, "--sample_max_new_tokens", "1"]
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})})
+        done = subprocess.run(launch_command(train_args, out, launch_args), capture_output=True, text=True, cwd=ROOT,
+                              env={**os.environ, **(env or {})})
         if done.returncode:
             sys.exit(f"train.py failed:\n{done.stderr[-3000:]}")
         records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
@@ -35,22 +43,24 @@ def steady_tokens_per_second(records):
     return sum(steps) / sum(n / r["tokens_per_second"] for n, r in zip(steps, windows[1:]))
 
 
-def time_to_first_step(train_args, out, env=None, port=29899):
+def time_to_first_step(train_args, out, env=None):
     """Launch `accelerate launch train.py TRAIN_ARGS --output_dir OUT` (1 CPU process) and wait for it:
     (seconds from launch to the first training step's record in metrics.jsonl, seconds of the whole run)."""
     metrics = Path(out) / "metrics.jsonl"
-    start = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(port),
-                                "--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-                                "--dynamo_backend", "no", str(ROOT / "train.py"), *map(str, train_args),
-                                "--output_dir", out, "--sample_max_new_tokens", "1"], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, **(env or {})})
-    while not (metrics.exists() and '"loss"' in metrics.read_text()):
-        if process.poll() is not None:
-            sys.exit(f"train.py ended before its first step:\n{process.stderr.read()[-3000:]}")
-        time.sleep(0.05)
-    first_step = time.perf_counter() - start
-    if process.wait():
-        sys.exit(f"train.py failed:\n{process.stderr.read()[-3000:]}")
+    with tempfile.TemporaryFile("w+") as stderr:  # a file, not a pipe: nobody reads it while the run goes on
+
+        def fail(what):
+            stderr.seek(0)
+            sys.exit(f"train.py {what}:\n{stderr.read()[-3000:]}")
+
+        start = time.perf_counter()
+        process = subprocess.Popen(launch_command(train_args, out), cwd=ROOT, stdout=subprocess.DEVNULL,
+                                   stderr=stderr, text=True, env={**os.environ, **(env or {})})
+        while not (metrics.exists() and '"loss"' in metrics.read_text()):
+            if process.poll() is not None:
+                fail("ended before its first step")
+            time.sleep(0.05)
+        first_step = time.perf_counter() - start
+        if process.wait():
+            fail("failed")
     return first_step, time.perf_counter() - start

@@ -50,7 +50,7 @@ def main():
                                           ("--data_dir STORE --document_masking", ["--data_dir", store,
                                                                                    "--document_masking"])]):
             out = os.path.join(work, f"run{n}")
-            first, whole = common.time_to_first_step([*data, *train], out, env=env, port=29880 + n)
+            first, whole = common.time_to_first_step([*data, *train], out, env=env)
             records = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
             rows[name] = (first, whole, common.steady_tokens_per_second(records))
             print(f"  {name}: first step {first:.1f} s, {rows[name][2]:,.0f} tokens/s", flush=True)

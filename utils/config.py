@@ -128,7 +128,8 @@ def parse_args(argv=None, parser=None, writes_store=False):
             weights = [entry.get("weight") for entry in args.datasets if isinstance(entry, dict)]
             check_weights(weights)
             args.train_weights = None if None in weights else weights
-        check_weights(args.train_weights or [])
+        else:
+            check_weights(args.train_weights or [])
     else:
         args.sources = parse_sources(args)
     args.run_name = args.run_name or os.path.basename(os.path.abspath(args.output_dir))

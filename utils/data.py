@@ -143,10 +143,7 @@ def tokenize_and_pack(sources, tokenizer, block_size, accelerator, max_eval_samp
     with accelerator.local_main_process_first():
         if not (path / MANIFEST).is_file():
             write_token_store(path, sources, tokenizer, workers)
-    blocks = open_blocks(path, block_size, max_eval_samples)
-    for source, opened in zip(sources, blocks):
-        opened["weight"] = source["weight"]
-    return blocks
+    return open_blocks(path, block_size, max_eval_samples, [s["weight"] for s in sources])
 
 
 def write_token_store(path, sources, tokenizer, workers=None, **options):

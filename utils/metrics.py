@@ -7,6 +7,7 @@ import os
 import resource
 import sys
 import time
+from pathlib import Path
 
 import torch
 from accelerate.tracking import TensorBoardTracker
@@ -71,7 +72,7 @@ def tracker_init_kwargs(output_dir, run_name, env=os.environ):
 
 def _wandb_logged_in(env):
     netrc = os.path.expanduser(env.get("NETRC", "~/.netrc"))
-    return os.path.isfile(netrc) and "api.wandb.ai" in open(netrc).read()
+    return os.path.isfile(netrc) and "api.wandb.ai" in Path(netrc).read_text()
 
 
 def read_jsonl(path):

@@ -199,7 +199,7 @@ def describe_data(config):
     if config.get("data_dir"):
         return f"token store {config['data_dir']}"
     if len(sources) > 1:
-        return ", ".join(f"{s['label']} (weight {weight_text(s['weight'])})" for s in sources)
+        return sources_text(sources)
     if config.get("dataset_name"):
         return " / ".join(filter(None, (config["dataset_name"], config.get("dataset_config_name"))))
     if sources and sources[0].get("kind") == "files":
@@ -210,6 +210,11 @@ def describe_data(config):
 def weight_text(weight):
     """A source's weight as given, or 'its size' when none was (the mixture is then the concatenation)."""
     return "its size" if weight is None else f"{weight:g}"
+
+
+def sources_text(sources):
+    """'a (weight 3), b (weight 1)' for sources with a label and a weight (run config or loaded blocks)."""
+    return ", ".join(f"{s['label']} (weight {weight_text(s['weight'])})" for s in sources)
 
 
 def sources_table(run):
