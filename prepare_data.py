@@ -17,7 +17,7 @@ from utils.config import build_parser, parse_args
 from utils.data import load_tokenizer, write_token_store
 from utils.errors import UserError, run_cli
 from utils.sources import load_source
-from utils.store import SHARD_DOCUMENTS
+from utils.store import SHARD_DOCUMENTS, check_store, read_manifest
 
 
 def main(argv=None):
@@ -25,9 +25,16 @@ def main(argv=None):
     parser.description = "Tokenize a corpus once into a token store for train.py --data_dir."
     parser.add_argument("--shard_documents", type=int, default=SHARD_DOCUMENTS,
                         help="documents per shard, the unit of work an interrupted run keeps")
+    parser.add_argument("--verify", action="store_true",
+                        help="check an existing store at --data_dir against its manifest's sha256s, write nothing")
     args = parse_args(argv, parser, writes_store=True)
     if not args.data_dir:
         raise UserError("prepare_data.py needs --data_dir STORE: the directory to write the token store to")
+    if args.verify:  # after a copy between filesystems: every byte against the digests recorded when written
+        manifest = read_manifest(args.data_dir)
+        check_store(args.data_dir, manifest, digests=True)
+        return print(f"token store {args.data_dir} verified: {len(manifest['sources'])} source(s), content id "
+                     f"{manifest['content_id']}, every shard matches its sha256")
     if args.train_weights:
         raise UserError("prepare_data.py writes every source whole; weights are chosen when training: "
                         "pass --train_weights to train.py --data_dir")

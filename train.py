@@ -15,13 +15,14 @@ import sys
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
 from tqdm.auto import tqdm
 
 from utils.checkpoint import Checkpointer
 from utils.config import parse_args
 from utils.errors import run_cli
-from utils.data import IGNORE_INDEX, build_dataloaders, load_tokenizer, open_blocks, store_tokenizer, tokenize_and_pack
+from utils.data import (IGNORE_INDEX, build_dataloaders, data_signature, load_tokenizer, open_blocks, store_tokenizer,
+                        tokenize_and_pack)
 from utils.faults import EXIT_PREEMPTED, NonFiniteGuard, StopSignal
 from utils.files import write_atomic
 from utils.generate import generate
@@ -79,13 +80,15 @@ def main(argv=None):
     # ---- Data: load, tokenize once (cached), pack into blocks ----
     tokenizer, config, blocks, train_dataloader, eval_dataloader, train_order = load_data(args, accelerator, base_config,
                                                                                           samples_per_step)
+    checkpointer.check_data(data_signature(blocks))  # a resume continues on the same sources, weights and splits
     steps_per_epoch = train_order.steps_per_epoch  # None for a stream
     max_steps = args.max_train_steps or (steps_per_epoch or 0) * args.num_train_epochs  # 0: --eval_only of a stream
 
     # ---- Model and optimizer ----
     set_seed(args.seed)
-    with plan.model_init_context(accelerator):  # ZeRO-3: each process builds only its shard
-        model = build_model(config, args.model_name_or_path, args.seed, args.gradient_checkpointing)
+    with plan.model_init_context(accelerator, config):  # ZeRO-3: each process builds only its shard
+        model = build_model(config, args.model_name_or_path, args.seed, args.gradient_checkpointing,
+                            args.attn_implementation)
     flops_per_token = training_flops_per_token(model, args.block_size)  # before sharding hides parameters
     n_params = parameter_count(model)
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, (args.adam_beta1, args.adam_beta2))
@@ -119,26 +122,29 @@ def main(argv=None):
 
     # ---- Training loop ----
     model.train()
+    metrics.start()  # training time starts here: set-up and the first evaluation are not in it
+    averaged_over = accelerator.num_processes * accelerator.gradient_accumulation_steps  # by backward and DDP
     while state.step < max_steps:
         train_dataloader.set_epoch(state.epoch)
-        for batch in train_dataloader:
-            metrics.batch_arrived()
-            with accelerator.accumulate(model):
-                loss = model(**batch, use_cache=False).loss  # input_ids, labels (and position_ids: document masking)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:  # clip to inf = just measure the norm
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
-                    finite = nonfinite.step(optimizer, grad_norm)  # skips a non-finite update; fp16: the scaler does
-                optimizer.zero_grad(set_to_none=True)
-            metrics.micro_batch_done(loss)
-            if not accelerator.sync_gradients:
-                continue
+        for micro_batches in metrics.steps(train_dataloader, accelerator.gradient_accumulation_steps):
+            # The step's loss is the mean over every token it predicts, on all processes and micro-batches
+            # (transformers' num_items_in_batch), so how the batch is split never weighs tokens differently.
+            predicted = accelerator.reduce(sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in micro_batches))
+            for batch in micro_batches:
+                with accelerator.accumulate(model):  # input_ids, labels (and position_ids: document masking)
+                    loss = model(**batch, use_cache=False, num_items_in_batch=predicted).loss  # summed / predicted
+                    accelerator.backward(loss * averaged_over)  # undo the means over micro-batches and processes
+                    if accelerator.sync_gradients:  # the step's last micro-batch; clip to inf = just measure the norm
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
+                        finite = nonfinite.step(optimizer, grad_norm)  # skips a non-finite update; fp16: the scaler does
+                    optimizer.zero_grad(set_to_none=True)
+                metrics.micro_batch_done(loss)
             lr_scheduler.step()
             state.step_done(samples_per_step)
             progress.update(1)
             nonfinite.record(finite, state.step)
             logged = metrics.step_done(state.step, max_steps, lr=lr_scheduler.get_last_lr()[0], grad_norm=grad_norm,
-                                       nonfinite_steps=nonfinite.total,
+                                       predicted_tokens=predicted, nonfinite_steps=nonfinite.total,
                                        loss_scale_skips=nonfinite.loss_scale_skips or None, epoch=state.epoch)
             if logged:
                 progress.set_postfix(loss=f"{logged[0]:.3f}", tok_s=f"{logged[1]:.0f}")
@@ -162,6 +168,8 @@ def main(argv=None):
         if accelerator.is_main_process else None  # only the main process reads a stream: only it knows the draws
     finish(model, tokenizer, accelerator, args, plan, state, eval_loss,
            dict(train_tokens=state.step * samples_per_step * args.block_size, **metrics.summary(),
+                eval_tokens=sum(b["eval_tokens"] for b in blocks),
+                held_out_tokens=sum(b["held_out_tokens"] for b in blocks),  # of the training data, for evaluation
                 nonfinite_steps=nonfinite.total, parameters=n_params, sources=sources))
 
 
@@ -171,7 +179,8 @@ def setup(args):
     checkpointer = Checkpointer(args.output_dir, args.checkpointing_steps, args.checkpoints_total_limit,
                                 resume=args.resume_from_checkpoint)  # a bad --resume_from_checkpoint fails here
     base_config = load_base_config(args)  # a bad model name fails here
-    accelerator = Accelerator(gradient_accumulation_steps=plan.gradient_accumulation_steps,
+    accelerator = Accelerator(gradient_accumulation_plugin=GradientAccumulationPlugin(  # a step's micro-batches
+                                  num_steps=plan.gradient_accumulation_steps, sync_with_dataloader=False),  # come whole
                               log_with=trackers(args.report_to, args.output_dir, args.run_name),
                               project_dir=args.output_dir, kwargs_handlers=plan.kwargs_handlers,
                               dynamo_backend="inductor" if args.torch_compile else None,  # None: the config's
@@ -196,7 +205,7 @@ def load_data(args, accelerator, base_config, samples_per_step):
         config = model_config(args, base_config, tokenizer)  # a tokenizer the model cannot embed fails before tokenizing
         if args.streaming:  # tokenized and packed on the fly while training; only validation blocks are made now
             blocks = stream_blocks(sources, tokenizer, args.block_size, args.stream_shuffle_blocks, args.seed,
-                                   args.max_eval_samples)
+                                   args.max_eval_samples, args.validation_split_percentage)
         else:  # tokenized once into a token store in the cache, like prepare_data.py's
             blocks = tokenize_and_pack(sources, tokenizer, args.block_size, accelerator, args.max_eval_samples,
                                        args.preprocessing_num_workers)
@@ -223,7 +232,8 @@ def source_results(blocks, train_order, state, samples_per_step, block_size, eva
     samples = state.step * samples_per_step
     drawn = [samples] if len(blocks) == 1 else train_order.drawn(samples)
     return [dict(source=b["label"], identity=b["identity"], weight=b["weight"], train_tokens=n * block_size,
-                 share=n / max(sum(drawn), 1), eval_loss=eval_by_source.get(b["label"], eval_loss))
+                 share=n / max(sum(drawn), 1), eval_loss=eval_by_source.get(b["label"], eval_loss),
+                 eval_tokens=b["eval_tokens"], held_out_tokens=b["held_out_tokens"])  # held out: not trained on
             for b, n in zip(blocks, drawn)]
 
 

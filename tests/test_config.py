@@ -77,6 +77,25 @@ def test_global_batch_size_derives_accumulation():
         preflight(args, env={"WORLD_SIZE": "3"})
 
 
+def test_preflight_makes_nccl_raise_instead_of_hang_and_keeps_the_users_value():
+    env = {"WORLD_SIZE": "2"}
+    preflight(parse_args([]), env=env)
+    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    env = {"WORLD_SIZE": "2", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "3"}
+    preflight(parse_args([]), env=env)
+    assert env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusals are for CPU-only machines")
+@pytest.mark.parametrize("env, message", [
+    ({"ACCELERATE_USE_FSDP": "true"}, "the FSDP config needs GPUs"),
+    ({"ACCELERATE_MIXED_PRECISION": "fp16"}, "mixed_precision fp16 needs a GPU"),
+])
+def test_settings_accelerate_ignores_on_cpu_are_refused(env, message):
+    with pytest.raises(UserError, match=message):
+        preflight(parse_args([]), env={"WORLD_SIZE": "2", **env})
+
+
 def deepspeed_env(tmp_path, ds_config, mixed="no", world=2):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 2}, **ds_config}))
@@ -139,6 +158,17 @@ def test_every_flag_has_help():
 
     missing = [a.option_strings[0] for a in build_parser()._actions if a.option_strings and not a.help]
     assert not missing, f"flags without help text: {missing}"
+
+
+def test_help_lists_flags_with_their_defaults():
+    """README: `python train.py -h` lists them all with their defaults (the recipe-only --datasets stays hidden)."""
+    result = subprocess.run([sys.executable, "train.py", "-h"], cwd=ROOT, capture_output=True, text=True)
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    assert result.returncode == 0, result.stderr
+    for default in ("tokens per training sequence (default: 128)", "reached after warmup (default: 0.003)",
+                    "(default: cosine)", "(default: 1800)", "~30% more compute"):
+        assert default in text, default
+    assert "--datasets" not in text and "(default: None)" not in text and "(default: False)" not in text
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "recipes").glob("*.yaml")))

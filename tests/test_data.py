@@ -78,3 +78,47 @@ def test_sampler_resumes_mid_epoch_without_reading_skipped_samples():
     assert list(sampler) == full[15:]
     assert list(sampler) == full  # the skip applies to one epoch only
     assert sampler.position(50)["epoch_complete"] and not sampler.position(45)["epoch_complete"]
+
+
+def test_a_literal_end_of_text_string_in_a_document_is_text(tokenizer):
+    """Web and code corpora hold the string "<|endoftext|>": it must not end a document (only the EOS
+    appended after each document does), or document masking and the store's document ends split it."""
+    docs = [f"doc {i} says {tokenizer.eos_token} in its text" for i in range(40)]
+    blocks = pack(docs, tokenizer, block_size=8)
+    tokens = np.concatenate([blocks["train"].tokens[:], blocks["validation"].tokens[:]])
+    assert (tokens == tokenizer.eos_token_id).sum() == 2 * len(docs)  # one EOS per document, train and validation
+    assert tokenizer.eos_token in tokenizer.decode(tokens[:tokens.tolist().index(tokenizer.eos_token_id)])
+
+
+def test_held_out_text_beyond_what_is_evaluated_is_trained_on_the_same_on_every_path(tokenizer, corpus, tmp_path):
+    """Without a validation split, evaluation takes the first blocks of the held-out documents and
+    training gets every document after the last one evaluation touched, on disk as with --streaming."""
+    from utils.config import parse_args
+    from utils.data import document_encoder
+    from utils.sources import load_source
+    from utils.stream import hold_out_validation
+
+    args = parse_args(["--train_file", str(corpus), "--output_dir", str(tmp_path)])
+    source = load_source(args.sources[0], validation_split_percentage=50)
+    docs = [d["text"] for split in ("validation", "train") for d in source["splits"][split]]
+    encoded = document_encoder(tokenizer)(docs)
+    every, ends = np.concatenate(encoded), np.cumsum([len(x) for x in encoded])
+    for max_eval_samples in (5, None):
+        blocks = tokenize_and_pack([source], tokenizer, 16, PartialState(), max_eval_samples=max_eval_samples)[0]
+        evaluated = np.concatenate([blocks["validation"][i]["input_ids"].numpy() for i in range(len(blocks["validation"]))])
+        trained = blocks["train"].tokens[:]
+        if max_eval_samples:  # evaluation reads 5 blocks; the rest of the held-out documents train
+            last = int(np.searchsorted(ends, 5 * 16))  # the document holding the last evaluated token
+            assert evaluated.tolist() == every[:80].tolist() and blocks["eval_tokens"] == 80
+            assert blocks["held_out_tokens"] == ends[last] < ends[len(source["splits"]["validation"]) - 1]
+            assert trained.tolist() == every[ends[last]:].tolist()
+        else:  # the default budget (1M tokens) is more than the 50% held out: all of it is evaluated
+            last = len(source["splits"]["validation"]) - 1
+            assert blocks["held_out_tokens"] == ends[last] and len(evaluated) == ends[last] // 16 * 16
+            assert trained.tolist() == every[ends[last]:].tolist()
+        stream = load_source(args.sources[0], streaming=True)["splits"]  # --streaming holds out the same documents
+        validation, train, held_out = hold_out_validation(stream, "text", document_encoder(tokenizer), 16,
+                                                          max_eval_samples, validation_split_percentage=50)
+        assert held_out == blocks["held_out_tokens"] and next(iter(train))["text"] == docs[last + 1]
+        assert len(validation) == len(blocks["validation"])
+        assert validation.tokens[:len(evaluated)].tolist() == evaluated.tolist()

@@ -49,10 +49,11 @@ ZERO_INIT = textwrap.dedent("""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2], RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     deepspeed.init_distributed(dist_backend="gloo")
     from transformers import AutoModelForCausalLM, LlamaConfig
-    from utils.model import initialize_by_name
+    from utils.model import import_model_code, initialize_by_name
     config = LlamaConfig(vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                          intermediate_size=64, tie_word_embeddings=False)
     ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}
+    import_model_code(config)  # what train.py's model_init_context does before zero.Init
     with deepspeed.zero.Init(config_dict_or_path=ds):
         model = AutoModelForCausalLM.from_config(config)
     assert all(p.numel() == 0 for p in model.parameters())  # sharded away: only placeholders are left

@@ -100,3 +100,67 @@ def test_training_with_document_masking_in_job_and_streamed(tmp_path, corpus):
     from_store = run("from_store", "--document_masking", "--data_dir", store)
     assert train_losses(tmp_path / "from_store") == train_losses(tmp_path / "masked")
     assert from_store["eval_loss"] == masked["eval_loss"]
+
+
+def reference_flash(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Flash attention's semantics in plain torch: with cu_seq_lens, causal attention within each segment
+    of the flattened batch (its varlen kernel); without, each row is one causal sequence (position ids at
+    a batch size above 1 are not read, as in transformers' flash path)."""
+    import torch.nn.functional as F
+
+    batch, heads, length, dim = query.shape
+    key, value = (x.repeat_interleave(heads // x.shape[1], dim=1) for x in (key, value))
+    q, k, v = (x.transpose(1, 2).reshape(batch * length, heads, dim) for x in (query, key, value))
+    cu = kwargs.get("cu_seq_lens_q")
+    bounds = zip(cu[:-1].tolist(), cu[1:].tolist()) if cu is not None else [(r * length, (r + 1) * length)
+                                                                           for r in range(batch)]
+    out = torch.empty_like(q)
+    for a, b in bounds:
+        out[a:b] = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1),
+                                                  v[a:b].transpose(0, 1), is_causal=True, scale=scaling).transpose(0, 1)
+    return out.view(batch, length, heads, dim), None
+
+
+@pytest.mark.parametrize("config", [LLAMA, GPT2], ids=["llama", "gpt2"])
+def test_masking_is_exact_under_flash_attention_at_any_batch_size(config):
+    """Flash attention reads packed position ids only at batch size 1; build_model hands it the documents'
+    bounds (cu_seq_lens) for larger micro-batches. Checked with flash's semantics written in torch (no
+    flash kernels on CPU), registered as a user's own kernel would be."""
+    from transformers import AttentionInterface
+
+    from utils.model import build_model
+
+    AttentionInterface.register("varlen_reference", reference_flash)
+    blocks, pieces = blocks_and_pieces()
+    batch = Collate(document_masking_eos=EOS)([{"input_ids": b} for b in blocks])
+    predicted = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().item()
+    reference = build_model(config, seed=0, attention="sdpa")  # sdpa: exact at any batch size (tested above)
+    expected = reference(**batch, use_cache=False).loss.item()
+    flash = build_model(config, seed=0, attention="varlen_reference")
+    assert flash(**batch, use_cache=False).loss.item() == pytest.approx(expected, rel=1e-5)
+    flash._forward_pre_hooks.clear()  # without the bounds: documents attend to each other, silently
+    assert flash(**batch, use_cache=False).loss.item() != pytest.approx(expected, rel=1e-4)
+    assert predicted == sum(len(p) - 1 for block_pieces in pieces for p in block_pieces if len(p) > 1)
+
+
+def test_the_update_does_not_depend_on_how_the_batch_is_split(tmp_path):
+    """With document masking the blocks predict different numbers of tokens (a document's first token is
+    not predicted). The step's loss is the mean over every predicted token of the step, so 8 x 1 and
+    2 x 4 (micro-batch x accumulation) are the same optimization: the same losses, step by step."""
+    from conftest import TINY, launch, read_metrics, train_losses
+
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge boxing".split()
+    docs = []
+    for run in range(40):  # runs of one-word documents (half their labels masked) and long ones (almost none)
+        docs += [words[run % len(words)]] * 30 if run % 2 else [" ".join(words * 6)] * 3
+    corpus = tmp_path / "uneven.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    common = ["--train_file", corpus, *TINY, "--document_masking", "--max_train_steps", 6, "--eval_steps", 6,
+              "--learning_rate", 1e-2]
+    launch([*common, "--output_dir", tmp_path / "whole", "--per_device_train_batch_size", 8])
+    launch([*common, "--output_dir", tmp_path / "split", "--per_device_train_batch_size", 2, "--global_batch_size", 8])
+    whole, split = train_losses(tmp_path / "whole"), train_losses(tmp_path / "split")
+    assert max(abs(whole[s] - split[s]) for s in whole) < 2e-6, (whole, split)
+    counts = [[r["predicted_tokens"] for r in read_metrics(tmp_path / run) if "predicted_tokens" in r]
+              for run in ("whole", "split")]
+    assert counts[0] == counts[1] and len(set(counts[0])) > 1 and max(counts[0]) < 8 * 31  # masked labels vary

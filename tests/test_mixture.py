@@ -197,12 +197,36 @@ def test_a_mixture_from_a_prepared_store_trains_like_the_in_job_mixture(mixture_
     refused = train("--data_dir", store, "--train_weights", 1, "--output_dir", tmp_path / "bad")
     assert refused.returncode == 2 and "1 values for the 2 sources of token store" in refused.stderr
     assert not (tmp_path / "bad" / "checkpoints").exists()
+    # a recipe's datasets: entries name the store's sources (listed in another order than the store's)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"datasets:\n  - {{path: '{small_source}', weight: 3}}\n  - {{path: '{corpus}', weight: 1}}\n")
     out = tmp_path / "from_store"
     args = mixture_args(corpus, small_source, out)
-    launch(["--data_dir", store, *args[args.index("--train_weights"):]])
+    launch(["--config", recipe, "--data_dir", store, *args[args.index("--output_dir"):]])
     assert train_losses(out) == train_losses(mixture_run)  # the same blocks in the same order, bit for bit
-    assert [s["train_tokens"] for s in results(out)["sources"]] == [s["train_tokens"] for s in
-                                                                    results(mixture_run)["sources"]]
+    assert [(s["source"], s["weight"], s["train_tokens"]) for s in results(out)["sources"]] == [
+        (s["source"], s["weight"], s["train_tokens"]) for s in results(mixture_run)["sources"]]
+
+
+def test_recipe_weights_reach_a_stores_sources_by_name(tmp_path):
+    from utils.sources import store_weights
+
+    sources = [{"label": "topics", "identity": {"path": "/d/topics.jsonl", "bytes": 1, "mtime_ns": 1}},
+               {"label": "code", "identity": {"files": [{"path": "/d/code/a.jsonl"}, {"path": "/d/code/b.jsonl"}]}},
+               {"label": "web", "identity": {"name": "org/web", "config": "en", "split": "train"}}]
+    assert store_weights(sources, [{"name": "org/web", "weight": 5}, {"path": "/d/code/*.jsonl", "weight": 3},
+                                   {"path": "/d/topics.jsonl", "weight": 1}], "S") == [1, 3, 5]
+    assert store_weights(sources, [{"label": "web", "path": "x", "weight": 2}, {"label": "code", "path": "y", "weight": 0},
+                                   {"label": "topics", "path": "z", "weight": 1}], "S") == [1, 0, 2]
+    assert store_weights(sources, [{"path": "/d/topics.jsonl"}, {"path": "/d/code/*"}, {"name": "org/web"}], "S") is None
+    for entries, message in [
+            ([{"path": "/d/other.jsonl", "weight": 1}], r"entry 0 \(/d/other.jsonl\) names no source of token store S"),
+            ([{"path": "/d/*", "weight": 1}], "names more than one source"),
+            ([{"name": "org/web", "config": "fr", "weight": 1}], "names no source"),
+            ([{"path": "/d/topics.jsonl", "weight": 1}, {"label": "topics", "path": "q", "weight": 2}], "twice"),
+            ([{"path": "/d/topics.jsonl", "weight": 1}, {"name": "org/web", "weight": 2}], "no weight to code")]:
+        with pytest.raises(UserError, match=message):
+            store_weights(sources, entries, "S")
 
 
 def test_streamed_mixture_trains_by_weight_and_resumes_exactly(corpus, small_source, tmp_path):
@@ -221,6 +245,36 @@ def test_streamed_mixture_trains_by_weight_and_resumes_exactly(corpus, small_sou
                 "--resume_from_checkpoint", resumed / "checkpoints" / f"step_{step}"])
         again = train_losses(resumed)
         assert [again[s] for s in range(step + 1, 13)] == [original[s] for s in range(step + 1, 13)], step
+    from test_store import train  # a stream saved at 1:3 does not resume at 3:1
+
+    other = [*args[:args.index("--train_weights")], "--train_weights", 3, 1, *args[args.index("--train_weights") + 3:]]
+    refused = train(*other, "--resume_from_checkpoint", out / "checkpoints" / "step_8")
+    assert refused.returncode == 2 and "training data changed" in refused.stderr.strip().splitlines()[-1]
+
+
+def test_a_resume_on_other_data_is_refused_at_every_step_even_at_an_epochs_end(tmp_path):
+    """Changed weights, or a source swapped for another of the same size, refused whether the checkpoint
+    is mid-epoch or after an epoch's last step (its draws and position belong to the old mixture)."""
+    from test_store import train
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("\n\n".join(f"Alpha line {i} has some words in it." for i in range(120)))
+    b.write_text("\n\n".join(f"beta {i} is a short line" for i in range(200)))
+    out = tmp_path / "run"
+    args = ["--train_file", a, b, "--output_dir", out, *TINY, "--num_train_epochs", 1, "--checkpointing_steps", 1,
+            "--eval_steps", 1000]
+    first = train(*args, "--train_weights", 1, 1)
+    assert first.returncode == 0, first.stderr[-3000:]
+    state = json.loads(sorted((out / "checkpoints").glob("step_*"), key=lambda p: int(p.name[5:]))[-1].joinpath(
+        "trainer_state.json").read_text())
+    assert state["data_position"]["epoch_complete"]  # the newest checkpoint is after the epoch's last step
+    for checkpoint in ("latest", out / "checkpoints" / "step_1"):
+        refused = train(*args, "--num_train_epochs", 2, "--train_weights", 9, 1, "--resume_from_checkpoint", checkpoint)
+        assert refused.returncode == 2, refused.stderr[-3000:]
+        assert "training data changed" in refused.stderr.strip().splitlines()[-1] and "weight 1.0 -> 9.0" in refused.stderr
+    b.write_text(b.read_text().upper())  # the same size, other text
+    swapped = train(*args, "--num_train_epochs", 2, "--train_weights", 1, 1, "--resume_from_checkpoint", "latest")
+    assert swapped.returncode == 2 and "content" in swapped.stderr.strip().splitlines()[-1], swapped.stderr[-3000:]
 
 
 @pytest.mark.distributed

@@ -25,6 +25,13 @@ def test_gpt2_presets_have_the_published_parameter_counts(name):
     assert model.config.resid_pdrop == model.config.embd_pdrop == model.config.attn_pdrop == 0.0
 
 
+@pytest.mark.parametrize("name, millions", [("tiny", 4.2), ("small", 19.5), ("125m", 134.1), ("350m", 348.7),
+                                            ("1b", 1104.2)])
+def test_llama_presets_have_the_readme_parameter_counts(name, millions):
+    """README, Presets and memory: parameters for a 32k vocabulary."""
+    assert parameter_count(on_meta(preset_config(name, vocab_size=32000))) / 1e6 == pytest.approx(millions, abs=0.05)
+
+
 def test_every_preset_builds_and_long_blocks_get_enough_positions():
     for name in [*LLAMA, *GPT2]:
         config = preset_config(name, vocab_size=4096, block_size=4096)

@@ -115,6 +115,21 @@ def test_run_name_defaults_to_the_output_directory_name(tmp_path):
     assert parse_args(["--output_dir", str(tmp_path), "--run_name", "mine"]).run_name == "mine"
 
 
+def test_wandb_without_a_key_or_login_runs_offline(tmp_path):
+    """The runs above force WANDB_MODE=offline; here the fallback itself, with no key and an empty netrc."""
+    from utils.metrics import tracker_init_kwargs
+
+    netrc = tmp_path / "netrc"
+    netrc.write_text("")
+    kwargs = tracker_init_kwargs(tmp_path / "out", "r", env={"NETRC": str(netrc)})["wandb"]
+    assert kwargs == {"name": "r", "dir": str(tmp_path / "out"), "mode": "offline"}
+    assert "mode" not in tracker_init_kwargs(tmp_path, "r", env={"NETRC": str(netrc), "WANDB_API_KEY": "k"})["wandb"]
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password k\n")  # `wandb login`
+    assert "mode" not in tracker_init_kwargs(tmp_path, "r", env={"NETRC": str(netrc)})["wandb"]
+    chosen = {"NETRC": str(tmp_path / "none"), "WANDB_MODE": "online"}  # the user's own mode is kept
+    assert "mode" not in tracker_init_kwargs(tmp_path, "r", env=chosen)["wandb"]
+
+
 # --- Report ------------------------------------------------------------------------------------
 
 def assert_png(path):

@@ -118,3 +118,26 @@ def test_token_width_and_sharded_reads():
     assert len(joined) == 20
     for a, b in [(0, 20), (3, 9), (5, 12), (11, 13), (19, 20), (7, 7)]:
         assert joined[a:b].tolist() == list(range(a, b))
+
+
+def test_a_damaged_store_is_refused_in_one_line_and_verify_checks_every_byte(store, tmp_path):
+    """An interrupted copy to a shared filesystem leaves shards cut short: refused when the store is
+    opened (a size check per shard), before any work; --verify compares every shard with its sha256."""
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(store), str(copy)], check=True)
+    ok = prepare("--data_dir", copy, "--verify")
+    assert ok.returncode == 0 and "verified" in ok.stdout, ok.stderr[-2000:]
+    manifest = json.loads((copy / "manifest.json").read_text())
+    shard = copy / manifest["sources"][0]["dir"] / "train" / "shard-00001.bin"
+    data = shard.read_bytes()
+    for cut in (data[:1000], data[:-2]):  # much shorter (the old diagnosis: "fewer than one step"), one token short
+        shard.write_bytes(cut)
+        result = train("--data_dir", copy, "--output_dir", tmp_path / "out", *TINY)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert "is damaged" in result.stderr.strip().splitlines()[-1] and "shard-00001.bin" in result.stderr
+        assert not (tmp_path / "out").exists()
+    flipped = bytearray(data)
+    flipped[10] ^= 0xFF  # the same size, other bytes: only the digests see it
+    shard.write_bytes(bytes(flipped))
+    bad = prepare("--data_dir", copy, "--verify")
+    assert bad.returncode == 2 and "does not match its sha256" in bad.stderr.strip().splitlines()[-1]

@@ -106,7 +106,7 @@ def test_a_stream_shorter_than_one_step_is_an_error(shards, tokenizer):
 def test_validation_is_held_out_from_the_start_of_the_stream(shards, tokenizer, tmp_path):
     args = parse_args(["--train_file", shards[0], "--streaming", "--max_train_steps", "1", "--output_dir", str(tmp_path)])
     raw = load_source(args.sources[0], streaming=True)["splits"]
-    validation, train = hold_out_validation(raw, "text", document_encoder(tokenizer), 16, max_eval_samples=5)
+    validation, train, _ = hold_out_validation(raw, "text", document_encoder(tokenizer), 16, max_eval_samples=5)
     assert len(validation) == 5
     texts = [d["text"] for d in train]
     held_out = len(DOCS) // 3 - len(texts)  # just the documents that fill the validation blocks

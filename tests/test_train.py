@@ -85,3 +85,55 @@ def test_speed_flags_keep_the_numerics(flag, tolerance, trained, tmp_path, corpu
     launch(["--train_file", corpus, "--output_dir", out, *TINY, "--max_train_steps", 4, flag])
     reference, losses = train_losses(trained), train_losses(out)
     assert max(abs(losses[s] - reference[s]) for s in range(1, 5)) < tolerance
+
+
+def test_set_up_and_the_first_evaluation_are_not_training_time(tmp_path, corpus):
+    """A large validation split makes the step-0 evaluation far longer than a step: none of it may show
+    up as training time or data wait (it once made step 1 read ~80% data wait)."""
+    out = tmp_path / "big_eval"
+    launch(["--train_file", corpus, "--output_dir", out, *TINY, "--max_train_steps", 3, "--eval_steps", 100,
+            "--validation_split_percentage", 60])
+    first = [r for r in read_metrics(out) if "loss" in r][0]
+    assert first["step"] == 1 and first["data_wait_pct"] < 50, first
+    assert first["predicted_tokens"] == 4 * 31  # no document masking: every label but the first of each block
+
+
+def test_the_clock_counts_training_steps_and_data_wait_counts_only_the_loader(monkeypatch, tmp_path):
+    """TrainingMetrics with a fake clock: time before start() and inside paused() is not training time;
+    data wait is the time inside the loader's next(), not a logging step's synchronizations."""
+    import torch
+
+    import utils.metrics as metrics_module
+
+    now = [0.0]
+    monkeypatch.setattr(metrics_module.time, "perf_counter", lambda: now[0])
+
+    class Accelerator:
+        device, num_processes, is_main_process = torch.device("cpu"), 1, True
+        reduce = staticmethod(lambda tensor, op: tensor)
+        gather = staticmethod(lambda tensor: tensor)
+        log = staticmethod(lambda values, step: logged.append(values))
+
+    logged = []
+    metrics = metrics_module.TrainingMetrics(Accelerator(), str(tmp_path), 2, 100, 1.0, None)
+    monkeypatch.setattr(metrics.log, "log", lambda step, **values: logged.append(values))
+    now[0] += 50.0  # trackers and the first evaluation
+    metrics.start()
+
+    def loader():
+        for _ in range(4):
+            now[0] += 0.25  # the loader's own time
+            yield {"labels": torch.zeros(1, 2)}
+
+    for step, (batch,) in enumerate(metrics.steps(loader(), 1), 1):
+        now[0] += 0.75  # forward, backward, optimizer
+        metrics.micro_batch_done(torch.tensor(2.0))
+        if step == 2:
+            with metrics.paused():
+                now[0] += 30.0  # an evaluation
+        metrics.step_done(step, 4, lr=0.1, grad_norm=1.0, predicted_tokens=torch.tensor(7))
+        now[0] += 0.5 if step % 2 == 0 else 0.0  # a logging step's host syncs: not data wait
+    assert [round(r["tokens_per_second"], 6) for r in logged] == [200 / 2.0, 200 / 2.5]
+    assert [round(r["data_wait_pct"], 6) for r in logged] == [25.0, 20.0]
+    assert logged[0]["loss"] == 2.0 and logged[0]["predicted_tokens"] == 7
+    assert metrics.summary()["train_seconds"] == pytest.approx(4.5)

@@ -228,7 +228,22 @@ class Checkpointer:
     def __init__(self, output_dir, every=None, total_limit=None, resume=None):
         self.output_dir, self.every, self.total_limit, self.requested = output_dir, every, total_limit, resume
         self.resume_from, self.resume_state = resolve_resume(output_dir, resume)
-        self._load_from = None
+        self._load_from, self.data = None, None
+
+    def check_data(self, signature):
+        """Refuse to resume on other training data than the checkpoint's (utils/data.py data_signature),
+        at any step, mid-epoch or at an epoch's end: the data position and the draws per source it
+        records are only meaningful for the same sources, weights and splits. Remembered for saves."""
+        self.data = signature
+        saved = (self.resume_state or {}).get("data")
+        if saved is None or saved == json.loads(json.dumps(signature)):
+            return
+        changes = [f"{old.get('label')}: {key} {old.get(key)} -> {new.get(key)}" for old, new in zip(saved, signature)
+                   for key in ("label", "weight", "train_blocks", "content") if old.get(key) != new.get(key)]
+        if len(saved) != len(signature):
+            changes = [f"{len(saved)} sources -> {len(signature)}"]
+        raise UserError(f"the training data changed since {self.resume_from} ({'; '.join(changes[:3])}): resume with "
+                        "the same sources, weights and --max_eval_samples, or start a new --output_dir")
 
     def before_prepare(self, accelerator):
         if self.resume_from:
@@ -265,6 +280,7 @@ class Checkpointer:
             step=state.step, epoch=state.epoch, samples_seen=state.step * self.samples_per_step,
             # only the main process reads a stream (accelerate dispatches its batches), so only it knows where
             data_position=self.train_order.position(state.samples_in_epoch) if accelerator.is_main_process else None,
-            samples_per_step=self.samples_per_step, initial_eval_loss=state.initial_eval_loss, config=self.run_config,
+            samples_per_step=self.samples_per_step, initial_eval_loss=state.initial_eval_loss, data=self.data,
+            config=self.run_config,
             num_processes=accelerator.num_processes, distributed_type=accelerator.distributed_type.value),
             self.total_limit, self.model_files)

@@ -11,16 +11,25 @@ import yaml
 
 from utils import errors
 from utils.errors import UserError
-from utils.sources import check_weights, parse_sources
-from utils.store import read_manifest
+from utils.sources import check_weights, parse_sources, store_weights
+from utils.store import check_store, read_manifest
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 REPORT_TO = ("none", "tensorboard", "wandb", "all")
+ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+class _ShowDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """-h appends each flag's default; not for unset (None) flags or switches (False), whose help says what happens."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None or action.default is False else super()._get_help_string(action)
 
 
 def build_parser():
     # allow_abbrev=False: a typo such as --learning_rat must fail, not silently set --learning_rate
-    p = argparse.ArgumentParser(description="Train a causal language model with accelerate.", allow_abbrev=False)
+    p = argparse.ArgumentParser(description="Train a causal language model with accelerate.", allow_abbrev=False,
+                                formatter_class=_ShowDefaults)
     add = p.add_argument
     add("--config", help="YAML recipe with any of these flags as keys; command-line flags win")
     # Data
@@ -48,6 +57,8 @@ def build_parser():
     add("--stream_shuffle_blocks", type=int, default=1024,
         help="with --streaming: shuffle blocks within windows of this many (rounded up to whole optimizer steps); "
              "a resume re-reads one window; 1 keeps the stream's order")
+    add("--attn_implementation", default="sdpa", choices=ATTENTION,
+        help="attention kernel (transformers'); flash_attention_2/3 need the flash-attn package and a GPU")
     add("--document_masking", action="store_true",
         help="tokens attend only within their own document inside a packed block (position ids restart at each "
              "document, and its first token is not predicted from the document before it)")
@@ -124,10 +135,8 @@ def parse_args(argv=None, parser=None, writes_store=False):
     validate(args, writes_store)
     if args.data_dir and not writes_store:  # a store holds its sources; a recipe's datasets: list may weigh them
         args.sources = None
-        if args.datasets is not None and args.train_weights is None:
-            weights = [entry.get("weight") for entry in args.datasets if isinstance(entry, dict)]
-            check_weights(weights)
-            args.train_weights = None if None in weights else weights
+        if args.datasets is not None and args.train_weights is None:  # matched to the store's sources by name
+            args.train_weights = store_weights(read_manifest(args.data_dir)["sources"], args.datasets, args.data_dir)
         else:
             check_weights(args.train_weights or [])
     else:
@@ -186,7 +195,7 @@ def validate(args, writes_store=False):
         given = [f"--{flag}" for flag in ("dataset_name", "train_file", "validation_file", "streaming") if getattr(args, flag)]
         if given:
             raise UserError(f"--data_dir holds the tokenized data: drop {', '.join(given)} (they went to prepare_data.py)")
-        read_manifest(args.data_dir)  # a missing or incomplete store fails here, before any work
+        check_store(args.data_dir, read_manifest(args.data_dir))  # missing, incomplete or cut short: fails here
     if args.dataset_name and args.train_file:
         raise UserError("give either --dataset_name or --train_file, not both")
     if args.model_name_or_path and args.config_name:

@@ -16,16 +16,26 @@ import numpy as np
 import torch
 from datasets import IterableDataset
 from torch.utils.data import BatchSampler, ConcatDataset, DataLoader, Dataset, SequentialSampler
+from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from utils.errors import UserError
 from utils.files import CACHE_ROOT, publish, temporary_name
 from utils.mixture import MixtureSampler, mix_streams
-from utils.store import MANIFEST, read_manifest, split_tokens, tokenizer_identity, write_store
+from utils.store import (FORMAT, MANIFEST, check_store, document_boundary, join_shards, read_manifest, slice_shards,
+                         split_shards, tokenizer_identity, write_store)
 
 EOS_TOKEN = "<|endoftext|>"
 TOKENIZER_STREAM_DOCUMENTS = 10_000  # a tokenizer trained for --streaming learns from the first documents
 IGNORE_INDEX = -100  # a label the loss leaves out (transformers' and torch's convention)
+# What one evaluation reads per source unless --max_eval_samples says otherwise: a fixed token budget
+# (Megatron's eval_iters idea), about 1/3 of a training step's compute at a 1M-token global batch.
+DEFAULT_EVAL_TOKENS = 1 << 20
+
+
+def eval_blocks(max_eval_samples, block_size):
+    """Validation blocks evaluated per source: --max_eval_samples, else DEFAULT_EVAL_TOKENS' worth."""
+    return max_eval_samples or max(1, DEFAULT_EVAL_TOKENS // block_size)
 
 
 # --- Tokenizer ------------------------------------------------------------------------------
@@ -114,16 +124,23 @@ class PackedBlocks(Dataset):
 
 
 def document_encoder(tokenizer):
-    """texts -> token ids of each non-empty text followed by EOS, in one batched tokenizer call."""
+    """texts -> token ids of each non-empty text followed by EOS, in one batched tokenizer call.
+
+    A document's text is encoded as text: a literal "<|endoftext|>" in it (web and code corpora hold
+    that string) is not the EOS token, so only the EOS appended here ends a document."""
     eos = tokenizer.eos_token_id
     backend = getattr(tokenizer, "backend_tokenizer", None)  # Rust: no offsets, no Python-side wrapping
+    if backend is not None:
+        backend = Tokenizer.from_str(backend.to_str())  # a copy: the tokenizer itself keeps its special tokens
+        backend.encode_special_tokens = True  # matched as plain text, not as added tokens
 
     def encode(texts):
         texts = [t for t in texts if t]
         if backend is not None:
             ids = [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
         else:
-            ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
+            ids = tokenizer(texts, add_special_tokens=False, split_special_tokens=True, return_attention_mask=False,
+                            verbose=False)["input_ids"]
         for x in ids:
             x.append(eos)  # in place: no second copy of every token list
         return ids
@@ -136,9 +153,9 @@ def tokenize_and_pack(sources, tokenizer, block_size, accelerator, max_eval_samp
 
     The store is keyed by the data's fingerprints, the text columns and the tokenizer, so a second run
     memory-maps it at once; the main process of each node writes it (node-local or shared caches)."""
-    key = hashlib.sha256(json.dumps([tokenizer_identity(tokenizer), *[
-        [s["text_column"], {split: d._fingerprint for split, d in s["splits"].items()}] for s in sources]]
-    ).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([FORMAT, tokenizer_identity(tokenizer), *[
+        [s["text_column"], s.get("held_out"), {split: d._fingerprint for split, d in s["splits"].items()}]
+        for s in sources]]).encode()).hexdigest()[:16]
     path = CACHE_ROOT / "stores" / key
     with accelerator.local_main_process_first():
         if not (path / MANIFEST).is_file():
@@ -154,27 +171,53 @@ def write_token_store(path, sources, tokenizer, workers=None, **options):
 
 def open_blocks(path, block_size, max_eval_samples=None, weights=None):
     """A token store's sources as blocks of `block_size` tokens over its memory-mapped shards:
-    [{'label', 'identity', 'weight', 'train': PackedBlocks, 'validation': PackedBlocks}] in store order.
-    max_eval_samples: the first N validation blocks of each source; weights: one per source, or None."""
+    [{'label', 'identity', 'weight', 'train': PackedBlocks, 'validation': PackedBlocks, 'eval_tokens',
+    'held_out_tokens'}] in store order. weights: one per source, or None.
+
+    Evaluation takes the first eval_blocks(max_eval_samples) blocks of each validation split. A split
+    held out of train gives what evaluation does not use back to training, from the first document
+    boundary after the evaluated tokens on (as --streaming does), so nothing is both trained on and
+    evaluated, and nothing is neither."""
     manifest = read_manifest(path)
+    check_store(path, manifest)  # a shard cut short (an interrupted copy) would train on less, silently
     sources = manifest["sources"]
     if weights is not None and len(weights) != len(sources):
         raise UserError(f"--train_weights has {len(weights)} values for the {len(sources)} sources of token store "
                         f"{path} ({', '.join(s['label'] for s in sources)}): give one weight per source")
+    dtype, wanted = np.dtype(manifest["dtype"]), eval_blocks(max_eval_samples, block_size) * block_size
     blocks = []
     for number, source in enumerate(sources):
-        opened = {"label": source["label"], "identity": source["identity"],
-                  "weight": weights[number] if weights else None}
+        validation, train = (split_shards(path, manifest, number, split) for split in ("validation", "train"))
+        held_out = 0
+        if source["validation"] == "held_out":
+            held_out = document_boundary(path, manifest, number, "validation", wanted)
+            train = slice_shards(validation, held_out) + train  # what evaluation leaves is trained on
+        opened = {"label": source["label"], "identity": source["identity"], "content": _content_id(source),
+                  "weight": weights[number] if weights else None, "held_out_tokens": held_out,
+                  "train": PackedBlocks(join_shards(train, dtype), block_size),
+                  "validation": PackedBlocks(join_shards(slice_shards(validation, 0, wanted), dtype), block_size,
+                                             source=number)}
+        opened["eval_tokens"] = len(opened["validation"]) * block_size
         for split in ("train", "validation"):
-            tokens = split_tokens(path, manifest, number, split)
-            if split == "validation" and max_eval_samples:
-                tokens = tokens[:max_eval_samples * block_size]
-            opened[split] = PackedBlocks(tokens, block_size, source=number if split == "validation" else None)
             if len(opened[split]) == 0 and (split == "validation" or len(sources) == 1):
-                raise UserError(f"the {split} split of {source['label']} has {len(tokens)} tokens, fewer than one "
-                                f"block of {block_size}: give more data or a smaller --block_size")
+                raise UserError(f"the {split} split of {source['label']} has {len(opened[split].tokens)} tokens, fewer "
+                                f"than one block of {block_size}: give more data or a smaller --block_size")
         blocks.append(opened)
     return blocks
+
+
+def _content_id(source):
+    """What a store's source holds: a hash of its shards' sha256s (a checkpoint's resume compares it)."""
+    digests = [shard["sha256"] for split in source["splits"].values() for shard in split["shards"]]
+    return hashlib.sha256(json.dumps([source["validation"], digests]).encode()).hexdigest()[:16]
+
+
+def data_signature(blocks):
+    """What the run trains on, per source, for a checkpoint to compare on resume: label, weight, content
+    (a store's shard digests; a stream's identity) and training blocks (which --max_eval_samples moves)."""
+    return [{"label": b["label"], "weight": b["weight"], "content": b.get("content") or b["identity"],
+             "train_blocks": None if isinstance(b["train"], torch.utils.data.IterableDataset) else len(b["train"])}
+            for b in blocks]
 
 
 # --- Loaders --------------------------------------------------------------------------------
@@ -198,8 +241,10 @@ class Collate:
     """Stacks blocks into the model's inputs: input_ids and labels (the model shifts them). With
     `document_masking_eos` (documents are joined by that EOS id), tokens attend only within their own
     document: position ids restart after each EOS, so transformers builds a block-diagonal causal mask
-    for packed sequences (sdpa, flash and flex attention alike; the model class is untouched), and a
-    document's first token is not predicted from the document before it (its label is ignored)."""
+    for packed sequences (sdpa, eager and flex attention; the model class is untouched), and a
+    document's first token is not predicted from the document before it (its label is ignored).
+    Flash attention reads packed position ids only at batch size 1: utils/model.py build_model hands
+    it the documents' bounds for any batch size."""
 
     def __init__(self, document_masking_eos=None):
         self.eos = document_masking_eos
@@ -231,7 +276,8 @@ def build_dataloaders(blocks, samples_per_step, train_batch_size, eval_batch_siz
     blocks: open_blocks' list (or utils/stream.py stream_blocks'), one entry per source. The validation
     loader covers every source's validation blocks, each item tagged with its source's number."""
     common = {"num_workers": num_workers, "pin_memory": torch.cuda.is_available(),
-              "worker_init_fn": _ignore_sigterm if num_workers else None, "collate_fn": Collate(document_masking_eos)}
+              "worker_init_fn": _ignore_sigterm if num_workers else None,
+              "collate_fn": Collate(document_masking_eos)}
     validation = ConcatDataset([b["validation"] for b in blocks])
     evaluation = DataLoader(validation, sampler=SequentialSampler(validation), batch_size=eval_batch_size, **common)
     train_sets = [b["train"] for b in blocks]

@@ -18,6 +18,7 @@ import torch
 from accelerate.utils import InitProcessGroupKwargs
 
 from utils.errors import UserError
+from utils.model import import_model_code
 
 
 @dataclass
@@ -49,10 +50,12 @@ class Plan:
                             "from the accelerate config and use the flags")
 
     @contextlib.contextmanager
-    def model_init_context(self, accelerator):
+    def model_init_context(self, accelerator, config):
         """Under ZeRO-3, build the model directly sharded (zero.Init) only when the config's
         zero3_init_flag asks for it. accelerate registers every ZeRO-3 config with transformers,
-        which then uses zero.Init (and other random draws) even when the flag is false."""
+        which then uses zero.Init (and other random draws) even when the flag is false.
+        The model's code is imported first, outside zero.Init (utils/model.py import_model_code)."""
+        import_model_code(config)
         plugin = accelerator.state.deepspeed_plugin
         if plugin is None or plugin.zero3_init_flag:
             yield
@@ -127,6 +130,8 @@ def _apply(plan, args, env, deepspeed, ds_file):
     `Accelerator()` reads: these are set before it is created."""
     # accelerate lets this variable override Accelerator(gradient_accumulation_steps=...): make it the planned one
     env["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] = str(plan.gradient_accumulation_steps)
+    # a collective that a dead rank never joins then raises after --ddp_timeout instead of hanging forever (a user's value wins)
+    env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     if ds_file != "none":
         # the shipped accelerate configs name ds_configs/*.json relative to the repository root:
         # hand accelerate the path that exists, from any working directory

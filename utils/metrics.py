@@ -114,24 +114,32 @@ class MetricsLog:
 
 
 class WindowTimer:
-    """Training time and data-wait time per logging window, with evaluation and saving left out."""
+    """Training time and data-wait time per logging window, with evaluation and saving left out.
+    Data wait is the time spent inside the loader's `next()`, nothing else."""
 
     def __init__(self):
-        self.window_start = self.batch_ready = time.perf_counter()
-        self.data_wait = self.train_seconds = 0.0
+        self.start()
+        self.train_seconds = 0.0
 
-    def batch_arrived(self):
-        self.data_wait += time.perf_counter() - self.batch_ready
+    def start(self):
+        self.window_start, self.data_wait = time.perf_counter(), 0.0
 
-    def batch_done(self):
-        self.batch_ready = time.perf_counter()
+    def timed(self, iterable):
+        """`iterable`'s items, the time each took to arrive counted as data wait."""
+        iterator = iter(iterable)
+        while True:
+            start = time.perf_counter()
+            item = next(iterator, _END)
+            self.data_wait += time.perf_counter() - start
+            if item is _END:
+                return
+            yield item
 
     @contextlib.contextmanager
     def paused(self):
         start = time.perf_counter()
         yield
         self.window_start += time.perf_counter() - start
-        self.batch_ready = time.perf_counter()
 
     def close_window(self):
         """(seconds, data-wait %) of the window since the last call; starts the next one."""
@@ -140,6 +148,9 @@ class WindowTimer:
         self.train_seconds += elapsed
         self.window_start, self.data_wait = now, 0.0
         return elapsed, 100 * wait / elapsed
+
+
+_END = object()
 
 
 class TrainingMetrics:
@@ -156,29 +167,40 @@ class TrainingMetrics:
         self.loss_sum = torch.zeros((), device=accelerator.device)  # summed on device; read only when logging
         self.window_steps = self.run_steps = 0
 
-    def batch_arrived(self):
-        self.timer.batch_arrived()
+    def start(self):
+        """Training time starts now: set-up, tracker start and the first evaluation are not in it."""
+        self.timer.start()
+
+    def steps(self, loader, micro_batches):
+        """The loader's batches grouped `micro_batches` at a time (one optimizer step), the wait for
+        each batch counted as data wait. An epoch holds whole steps (utils/data.py TrainOrder)."""
+        step = []
+        for batch in self.timer.timed(loader):
+            step.append(batch)
+            if len(step) == micro_batches:
+                yield step
+                step = []
 
     def micro_batch_done(self, loss):
+        """loss: this micro-batch's share of its step's loss (the step's: the sum over micro-batches and processes)."""
         self.loss_sum += loss.detach()
-        self.timer.batch_done()
 
-    def step_done(self, step, last_step, lr, grad_norm, **counters):
-        """Count an optimizer step; at a logging step, log the window's means with lr, grad norm and
-        `counters`, and return (mean loss, tokens/s), else None."""
+    def step_done(self, step, last_step, lr, grad_norm, predicted_tokens, **counters):
+        """Count an optimizer step; at a logging step, log the window's means with lr, grad norm, the
+        step's predicted tokens (all processes; a tensor, read only here) and `counters`, and return
+        (mean loss, tokens/s), else None."""
         self.window_steps += 1
         self.run_steps += 1
         if step % self.logging_steps and step != last_step:
             return None
         accelerator = self.accelerator
-        micro_batches = self.window_steps * accelerator.gradient_accumulation_steps  # equal sizes: mean of means
-        mean_loss = (accelerator.reduce(self.loss_sum, "mean") / micro_batches).item()
+        mean_loss = (accelerator.reduce(self.loss_sum, "sum") / self.window_steps).item()  # each step's: a sum
         elapsed, data_wait_pct = self.timer.close_window()
         tokens_per_second = self.window_steps * self.tokens_per_step / elapsed
         mfu = self.peak_flops and self.flops_per_token * tokens_per_second / (self.peak_flops * accelerator.num_processes)
         self.log.log(step, loss=mean_loss, lr=lr, grad_norm=None if grad_norm is None else float(grad_norm),
                      tokens_per_second=tokens_per_second, mfu=mfu, peak_memory_gib=peak_memory_gib(accelerator),
-                     data_wait_pct=data_wait_pct, **counters)
+                     data_wait_pct=data_wait_pct, predicted_tokens=int(predicted_tokens), **counters)
         self.loss_sum.zero_()
         self.window_steps = 0
         return mean_loss, tokens_per_second
@@ -197,7 +219,9 @@ class TrainingMetrics:
         return self.timer.paused()
 
     def summary(self):
-        """For results.json: training time and mean tokens/s of this process's run (resumes excluded)."""
+        """For results.json: training time, mean tokens/s and MFU of this process's run (resumes excluded)."""
         seconds = self.timer.train_seconds
-        return dict(tokens_per_second=self.run_steps * self.tokens_per_step / seconds if self.run_steps else None,
-                    train_seconds=seconds)
+        tokens_per_second = self.run_steps * self.tokens_per_step / seconds if self.run_steps else None
+        mfu = tokens_per_second and self.peak_flops and self.flops_per_token * tokens_per_second / (
+            self.peak_flops * self.accelerator.num_processes)
+        return dict(tokens_per_second=tokens_per_second, train_seconds=seconds, mfu=mfu or None)

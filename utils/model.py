@@ -10,6 +10,8 @@ from contextlib import nullcontext
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig
+from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from utils.errors import UserError
 
@@ -37,6 +39,8 @@ GPT2 = {
     "gpt2-xl": dict(n_embd=1600, n_layer=48, n_head=25),  # 1,557,611,200
 }
 PRESETS = [*LLAMA, *GPT2]
+# attention implementations whose masks transformers builds from packed position ids at any batch size
+PACKED_POSITIONS_AT_ANY_BATCH = ("sdpa", "eager", "flex_attention")
 
 
 def preset_config(name, vocab_size, block_size=0, **special_ids):
@@ -78,17 +82,47 @@ def model_config(args, base_config, tokenizer):
     return preset_config(args.model_preset, vocab_size, args.block_size, **special)
 
 
-def build_model(config, pretrained=None, seed=0, gradient_checkpointing=False):
+def import_model_code(config):
+    """Import the modeling module of `config`'s causal-LM class now, and return the class.
+
+    DeepSpeed's zero.Init replaces torch's tensor constructors while it is active; a transformers
+    module first imported inside it (transformers >= 5.24 then imports torch._dynamo, which checks
+    `torch.Tensor.__new__`) fails with "Signature mismatch". Importing before zero.Init avoids that."""
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError as e:
+        raise UserError(f"{type(config).__name__} has no causal language model class in transformers: "
+                        "choose a decoder-only model (GPT-2, Llama, ...)") from e
+
+
+def build_model(config, pretrained=None, seed=0, gradient_checkpointing=False, attention="sdpa"):
     """The weights of `pretrained` (a Hub name or directory), else a model initialized from `seed` alone.
-    gradient_checkpointing: recompute each layer's activations in backward (less memory, ~30% more compute)."""
+    gradient_checkpointing: recompute each layer's activations in backward (less memory, ~30% more compute);
+    attention: transformers' attn_implementation."""
     if pretrained:
-        model = AutoModelForCausalLM.from_pretrained(pretrained, config=config, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(pretrained, config=config, attn_implementation=attention)
     else:
-        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attention)
         initialize_by_name(model, seed)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if attention not in PACKED_POSITIONS_AT_ANY_BATCH:  # flash attention, and kernels like it
+        model.register_forward_pre_hook(_packed_documents_for_flash, with_kwargs=True)
     return model
+
+
+def _packed_documents_for_flash(model, args, kwargs):
+    """Document masking under flash attention at any batch size. Restarting position ids mark packed
+    documents (utils/data.py Collate); transformers' flash path reads them only at batch size 1, so a
+    larger micro-batch gets the documents' bounds over the flattened batch (every row starts one),
+    which flash's varlen kernel takes at any batch size (as DataCollatorWithFlattening provides them).
+    Training and evaluation only (use_cache=False): generation's positions are not packed documents."""
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None and position_ids.shape[0] > 1 and kwargs.get("use_cache") is False \
+            and "cu_seq_lens_q" not in kwargs:
+        (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(position_ids)
+        kwargs.update(cu_seq_lens_q=cu_q, cu_seq_lens_k=cu_k, max_length_q=int(max_q), max_length_k=int(max_k))
+    return args, kwargs
 
 
 def initialize_by_name(model, seed):

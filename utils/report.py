@@ -75,7 +75,7 @@ def headline(run):
     initial = res.get("initial_eval_loss", evals[0]["eval_loss"] if evals else None)
     final = res.get("eval_loss", evals[-1]["eval_loss"] if len(evals) > 1 else None)
     speeds = sorted(r["tokens_per_second"] for r in train if "tokens_per_second" in r)
-    mfus = [r["mfu"] for r in train if "mfu" in r]
+    mfus = sorted(r["mfu"] for r in train if r.get("mfu") is not None)
     memory = [r["peak_memory_gib"] for r in train if "peak_memory_gib" in r]
     last_step = max((r["step"] for r in run.metrics), default=0)
     tokens_per_step = _tokens_per_step(run)
@@ -87,7 +87,7 @@ def headline(run):
         train_tokens=res.get("train_tokens", tokens_per_step and last_step * tokens_per_step),
         # while running: the median window, which neither the first (warm-up) nor a slow one skews
         tokens_per_second=res.get("tokens_per_second", speeds[len(speeds) // 2] if speeds else None),
-        train_seconds=res.get("train_seconds"), mfu=sum(mfus) / len(mfus) if mfus else None,
+        train_seconds=res.get("train_seconds"), mfu=res.get("mfu", mfus[len(mfus) // 2] if mfus else None),
         peak_memory_gib=max(memory) if memory else None,
         nonfinite_steps=res.get("nonfinite_steps", train[-1].get("nonfinite_steps") if train else None),
         parameters=res.get("parameters"))

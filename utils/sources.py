@@ -11,6 +11,7 @@ Weights are relative; without any, each source weighs its size (the mixture is t
 """
 
 import ast
+import fnmatch
 import functools
 import glob
 import hashlib
@@ -89,6 +90,51 @@ def check_weights(weights):
                         "evaluated but not trained on")
 
 
+def store_weights(store_sources, entries, store):
+    """The weights of a recipe's `datasets:` entries in the order of a token store's sources (its
+    manifest's), each entry matched to the source it names: by `label`, else by `path` (the file, or a
+    glob matching every file of the source), else by Hub `name` (and `config` / `split` when given).
+    None when no entry has a weight (each source then weighs its size)."""
+    if not isinstance(entries, list) or not entries:
+        raise UserError("datasets: must be a non-empty list in the recipe (each entry with path: or name:)")
+    entries = [_check_entry(entry, n) for n, entry in enumerate(entries)]
+    check_weights([entry.get("weight") for entry in entries])
+    weights = [None] * len(store_sources)
+    named = [False] * len(store_sources)
+    for number, entry in enumerate(entries):
+        matches = [i for i, source in enumerate(store_sources) if _names(entry, source)]
+        what = entry.get("label") or entry.get("path") or entry.get("name")
+        if len(matches) != 1:
+            labels = ", ".join(s["label"] for s in store_sources)
+            raise UserError(f"datasets: entry {number} ({what}) names {'no' if not matches else 'more than one'} "
+                            f"source of token store {store} (its sources: {labels}): name one by its label:")
+        if named[matches[0]]:
+            raise UserError(f"datasets: entries name source {store_sources[matches[0]]['label']} of token store "
+                            f"{store} twice: give each source one entry")
+        named[matches[0]], weights[matches[0]] = True, entry.get("weight")
+    if entries[0].get("weight") is None:
+        return None
+    missing = [source["label"] for source, seen in zip(store_sources, named) if not seen]
+    if missing:
+        raise UserError(f"the recipe's datasets: list gives no weight to {', '.join(missing)} of token store {store}: "
+                        "add an entry for each (weight: 0 evaluates a source without training on it)")
+    return weights
+
+
+def _names(entry, source):
+    """Whether recipe entry `entry` names `source` (a token store manifest's entry)."""
+    identity = source["identity"]
+    if entry.get("label") is not None:
+        return str(entry["label"]) == source["label"]
+    if "name" in entry:
+        return identity.get("name") == entry["name"] and all(
+            entry.get(key) in (None, identity.get(key)) for key in ("config", "split"))
+    pattern = os.path.abspath(os.path.expanduser(entry["path"]))
+    paths = [f["path"] for f in identity.get("files", [])] or [identity.get("path")]
+    return None not in paths and all(fnmatch.fnmatchcase(path, pattern) if glob.has_magic(pattern) else path == pattern
+                                     for path in paths)
+
+
 def _check_entry(entry, number):
     if not isinstance(entry, dict):
         raise UserError(f"datasets: entry {number} must be a mapping with path: or name: (got {entry!r})")
@@ -140,10 +186,12 @@ def _local_files(pattern, what):
 # --- Reading them ---------------------------------------------------------------------------
 
 def load_source(source, validation_split_percentage=5, streaming=False):
-    """{'label', 'weight', 'identity', 'text_column', 'splits': {'train', 'validation'}} of one source.
+    """{'label', 'weight', 'identity', 'text_column', 'splits': {'train', 'validation'}, 'held_out'} of one source.
 
-    Without a validation split or file, the first validation_split_percentage of train is held out.
-    With streaming: IterableDatasets, and the validation split is held out by utils/stream.py."""
+    Without a validation split or file (held_out: True), the first validation_split_percentage of train's
+    documents become the validation split, of which evaluation takes its first blocks (utils/data.py
+    open_blocks) and training gets the rest back. With streaming: IterableDatasets, and the evaluation
+    blocks are held out by utils/stream.py."""
     kind = source["kind"]
     if kind == "hub":
         try:
@@ -161,6 +209,7 @@ def load_source(source, validation_split_percentage=5, streaming=False):
         raw = {"train": _load_local(files, streaming)}
         if source.get("validation"):
             raw["validation"] = _load_local(source["validation"], streaming)
+    held_out_of_train = "validation" not in raw  # evaluation takes its first documents; the rest trains
     raw = IterableDatasetDict(raw) if streaming else DatasetDict(raw)
     label = source["label"]
     if streaming:
@@ -178,7 +227,8 @@ def load_source(source, validation_split_percentage=5, streaming=False):
             if len(raw[split]) == 0:
                 raise UserError(f"the {split} data of {label} is empty: check the file or dataset")
     return {"label": label, "weight": source["weight"], "identity": source_identity(source, raw),
-            "text_column": resolve_text_column(raw["train"], source["text_column"]), "splits": raw}
+            "text_column": resolve_text_column(raw["train"], source["text_column"]), "splits": raw,
+            "held_out": held_out_of_train}
 
 
 def in_memory_source(splits, label="data", text_column="text", weight=None):

@@ -26,7 +26,7 @@ import numpy as np
 from utils.errors import UserError
 from utils.files import publish, temporary_name, write_atomic
 
-FORMAT = 1
+FORMAT = 2  # 2: sources record whether their validation split was held out of train
 MANIFEST = "manifest.json"
 PLAN = "plan.json"  # what a store being written holds: a resume must be for the same sources and tokenizer
 SHARD_DOCUMENTS = 50_000  # documents per shard: the unit of resumable work
@@ -53,6 +53,7 @@ def write_store(path, sources, tokenizer, encode, workers=None, shard_documents=
     plan = {"format": FORMAT, "tokenizer": tokenizer_identity(tokenizer), "eos_token_id": tokenizer.eos_token_id,
             "vocab_size": len(tokenizer), "dtype": np.dtype(token_dtype(len(tokenizer))).name,
             "sources": [{"label": s["label"], "identity": s["identity"], "text_column": s["text_column"],
+                         "validation": "held_out" if s.get("held_out") else "given",  # held out: the rest trains
                          "documents": {split: len(d) for split, d in s["splits"].items()}} for s in sources],
             "shard_documents": shard_documents}
     _claim(path, plan)
@@ -152,19 +153,75 @@ def read_manifest(path):
     return manifest
 
 
+def check_store(path, manifest, digests=False):
+    """Every shard of the store is there with the size its manifest records (a stat per shard: cheap at
+    any scale); with `digests`, its sha256 too (reads every byte: for stores copied between filesystems)."""
+    itemsize = np.dtype(manifest["dtype"]).itemsize
+    for source in manifest["sources"]:
+        for split, recorded in source["splits"].items():
+            for shard in recorded["shards"]:
+                base = os.path.join(path, source["dir"], split, shard["name"])
+                expected = shard["tokens"] * itemsize
+                size = os.path.getsize(base + ".bin") if os.path.isfile(base + ".bin") else None
+                problem = ("is missing" if size is None else
+                           f"has {size:,} bytes where the manifest records {expected:,}" if size != expected else
+                           f"has no {os.path.basename(base)}.ends.npy" if not os.path.isfile(base + ".ends.npy") else
+                           "does not match its sha256" if digests and _sha256(base + ".bin") != shard["sha256"] else None)
+                if problem:
+                    raise UserError(f"token store {path} is damaged: {source['dir']}/{split}/{shard['name']}.bin "
+                                    f"{problem}: copy the store again, or delete it and prepare it again")
+
+
+def _sha256(file):
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _read_json(path):
     with open(path) as f:
         return json.load(f)
 
 
-def split_tokens(path, manifest, source_number, split):
-    """The tokens of one source's split: one memory-mapped shard, or a read-only view over several."""
+def split_shards(path, manifest, source_number, split):
+    """The memory-mapped shards of one source's split, in order."""
     source = manifest["sources"][source_number]
     folder = os.path.join(path, source["dir"], split)
     dtype = np.dtype(manifest["dtype"])
-    shards = [np.memmap(os.path.join(folder, s["name"] + ".bin"), dtype=dtype, mode="r") if s["tokens"]
-              else np.zeros(0, dtype) for s in source["splits"][split]["shards"]]
+    return [np.memmap(os.path.join(folder, s["name"] + ".bin"), dtype=dtype, mode="r") if s["tokens"]
+            else np.zeros(0, dtype) for s in source["splits"][split]["shards"]]
+
+
+def join_shards(shards, dtype):
+    """Token arrays (memory-mapped shards or views of them) read as one sequence, nothing copied."""
+    shards = [s for s in shards if len(s)]
     return shards[0] if len(shards) == 1 else ShardedTokens(shards) if shards else np.zeros(0, dtype)
+
+
+def slice_shards(shards, start, stop=None):
+    """Views of `shards` (laid end to end) that cover tokens [start, stop): nothing is read."""
+    views, offset = [], 0
+    for shard in shards:
+        first, end = max(start - offset, 0), len(shard) if stop is None else min(stop - offset, len(shard))
+        if first < end:
+            views.append(shard[first:end])
+        offset += len(shard)
+    return views
+
+
+def document_boundary(path, manifest, source_number, split, position):
+    """The first document end at or after token `position` of a split (its length if none): so
+    tokens [0, result) are whole documents. Reads one shard's document ends."""
+    source = manifest["sources"][source_number]
+    start = 0
+    for shard in source["splits"][split]["shards"]:
+        if start + shard["tokens"] >= position and shard["tokens"]:
+            ends = np.load(os.path.join(path, source["dir"], split, shard["name"] + ".ends.npy"))
+            return start + int(ends[np.searchsorted(ends, position - start)])
+        start += shard["tokens"]
+    return start
 
 
 class ShardedTokens:

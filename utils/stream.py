@@ -17,58 +17,68 @@ import torch
 from torch.utils.data import IterableDataset
 
 from utils.errors import UserError
-from utils.data import PackedBlocks, document_encoder
+from utils.data import PackedBlocks, document_encoder, eval_blocks
 
 DOCUMENTS_PER_BATCH = 256  # one call of the Rust tokenizer, which spreads a batch over its threads
-DEFAULT_EVAL_BLOCKS = 512  # a stream has no end to evaluate up to; --max_eval_samples overrides
 _KEPT_ANCHORS = 8  # windows a checkpoint may lag behind the reader (prefetching)
 
 # A shuffle buffer of one example holds nothing to lose on resume; say so once, not on every resume.
 logging.getLogger("datasets.iterable_dataset").addFilter(lambda record: "shuffle buffer" not in record.getMessage())
 
 
-def stream_blocks(sources, tokenizer, block_size, window_blocks, seed, max_eval_samples=None):
+def stream_blocks(sources, tokenizer, block_size, window_blocks, seed, max_eval_samples=None,
+                  validation_split_percentage=5):
     """Per source (utils/sources.py load_source), as utils/data.py open_blocks gives them: {'label',
-    'identity', 'weight', 'train': StreamedBlocks, 'validation': PackedBlocks}; only the validation
-    blocks are made up front."""
+    'identity', 'weight', 'train': StreamedBlocks, 'validation': PackedBlocks, 'eval_tokens',
+    'held_out_tokens'}; only the validation blocks are made up front."""
     encode = document_encoder(tokenizer)
     blocks = []
     for number, source in enumerate(sources):
-        validation, train = hold_out_validation(source["splits"], source["text_column"], encode, block_size,
-                                                max_eval_samples, source=number)
+        validation, train, held_out = hold_out_validation(source["splits"], source["text_column"], encode, block_size,
+                                                          max_eval_samples, validation_split_percentage, number,
+                                                          source["label"])
         blocks.append({"label": source["label"], "identity": source["identity"], "weight": source["weight"],
                        "train": StreamedBlocks(train, source["text_column"], encode, block_size, window_blocks, seed),
-                       "validation": validation})
+                       "validation": validation, "eval_tokens": len(validation) * block_size,
+                       "held_out_tokens": held_out})
     return blocks
 
 
-def hold_out_validation(raw, text_column, encode, block_size, max_eval_samples=None, source=None):
-    """(validation blocks in memory, the training stream).
-
-    The validation split's first max_eval_samples blocks (default 512); without a validation split, the
-    first training documents that fill them are held out and skipped by training (which keeps the
-    stream's shard order fixed: `datasets` cannot skip within reshuffled shards)."""
-    wanted = (max_eval_samples or DEFAULT_EVAL_BLOCKS) * block_size
+def hold_out_validation(raw, text_column, encode, block_size, max_eval_samples=None, validation_split_percentage=5,
+                        source=None, label="data"):
+    """(validation blocks in memory, the training stream, tokens held out of training), as on disk
+    (utils/data.py open_blocks): the validation split's first eval_blocks(max_eval_samples) blocks;
+    without one, the first training documents that fill them are held out and training starts at the
+    next document (which keeps the stream's shard order fixed: `datasets` cannot skip within reshuffled
+    shards). A stream that ends before filling them was read whole: like a corpus on disk, its first
+    validation_split_percentage of documents are held out and evaluated, the rest trains."""
+    wanted = eval_blocks(max_eval_samples, block_size) * block_size
     stream = raw["validation"] if "validation" in raw else raw["train"]
-    pieces, have, documents = [], 0, 0
+    pieces, have = [], 0  # one entry per document (empty ones too: they count as documents on disk)
     for batch in stream.iter(batch_size=DOCUMENTS_PER_BATCH):
         texts = batch[text_column]
         encoded = iter(encode(texts))  # empty texts have no entry
         for text in texts:
-            documents += 1
-            if text:
-                pieces.append(next(encoded))
-                have += len(pieces[-1])
+            pieces.append(next(encoded) if text else [])
+            have += len(pieces[-1])
             if have >= wanted:
                 break
         if have >= wanted:
             break
-    tokens = np.fromiter(chain.from_iterable(pieces), dtype=np.int32, count=have)[:wanted]
+    if "validation" not in raw and have < wanted:  # read whole
+        held = max(1, round(len(pieces) * validation_split_percentage / 100))
+        if held >= len(pieces):
+            raise UserError(f"{validation_split_percentage}% of the {len(pieces)} documents of {label} leaves an "
+                            "empty split: give it a validation file or change --validation_split_percentage")
+        pieces = pieces[:held]
+    held_out = sum(map(len, pieces))
+    tokens = np.fromiter(chain.from_iterable(pieces), dtype=np.int32, count=held_out)[:wanted]
     if len(tokens) < block_size:
-        raise UserError(f"the validation data has {len(tokens)} tokens, fewer than one block of {block_size}: "
-                        "give more data or a smaller --block_size")
-    train = raw["train"].skip(documents) if "validation" not in raw else raw["train"]
-    return PackedBlocks(tokens, block_size, source=source), train
+        raise UserError(f"the validation split of {label} has {len(tokens)} tokens, fewer than one block of "
+                        f"{block_size}: give more data or a smaller --block_size")
+    if "validation" in raw:
+        return PackedBlocks(tokens, block_size, source=source), raw["train"], 0
+    return PackedBlocks(tokens, block_size, source=source), raw["train"].skip(len(pieces)), held_out
 
 
 class StreamedBlocks(IterableDataset):
