@@ -81,6 +81,8 @@ def main(argv=None):
     tokenizer, config, blocks, train_dataloader, eval_dataloader, train_order = load_data(args, accelerator, base_config,
                                                                                           samples_per_step)
     checkpointer.check_data(data_signature(blocks))  # a resume continues on the same sources, weights and splits
+    if accelerator.is_main_process:  # only now: bad data leaves --output_dir as it was
+        os.makedirs(args.output_dir, exist_ok=True)
     steps_per_epoch = train_order.steps_per_epoch  # None for a stream
     max_steps = args.max_train_steps or (steps_per_epoch or 0) * args.num_train_epochs  # 0: --eval_only of a stream
 
@@ -187,8 +189,6 @@ def setup(args):
                               dataloader_config=DataLoaderConfiguration(non_blocking=torch.cuda.is_available()))
     plan.apply(accelerator)
     accelerator.print(plan.describe(accelerator))
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
     return accelerator, plan, checkpointer, base_config
 
 

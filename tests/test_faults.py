@@ -310,3 +310,14 @@ def test_vocab_mismatch_between_tokenizer_and_model(tmp_path, corpus, existing_o
     assert result.returncode == 2
     assert "has 64 token embeddings but the tokenizer has 101 tokens" in result.stderr.strip().splitlines()[-1]
     assert snapshot(existing_output) == before
+
+
+def test_bad_data_found_while_reading_it_does_not_create_the_output_dir(tmp_path, corpus):
+    """A split shorter than one block is only known once the text is tokenized: still one line, and a
+    new --output_dir is not created."""
+    out = tmp_path / "new_output"
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--train_file", str(corpus), "--vocab_size", "512",
+                             "--block_size", "100000", "--output_dir", str(out)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2 and "fewer than one block" in result.stderr.strip().splitlines()[-1]
+    assert not out.exists()
