@@ -160,6 +160,15 @@ def test_every_flag_has_help():
     assert not missing, f"flags without help text: {missing}"
 
 
+def test_flash_attention_without_its_package_is_one_line_before_any_work(tmp_path):
+    from transformers.utils import is_flash_attn_2_available
+
+    if is_flash_attn_2_available():
+        pytest.skip("flash-attn is installed here")
+    with pytest.raises(UserError, match="needs a GPU and the flash-attn package"):
+        parse_args(["--attn_implementation", "flash_attention_2", "--output_dir", str(tmp_path)])
+
+
 def test_help_lists_flags_with_their_defaults():
     """README: `python train.py -h` lists them all with their defaults (the recipe-only --datasets stays hidden)."""
     result = subprocess.run([sys.executable, "train.py", "-h"], cwd=ROOT, capture_output=True, text=True)

@@ -214,17 +214,34 @@ def test_recipe_weights_reach_a_stores_sources_by_name(tmp_path):
     sources = [{"label": "topics", "identity": {"path": "/d/topics.jsonl", "bytes": 1, "mtime_ns": 1}},
                {"label": "code", "identity": {"files": [{"path": "/d/code/a.jsonl"}, {"path": "/d/code/b.jsonl"}]}},
                {"label": "web", "identity": {"name": "org/web", "config": "en", "split": "train"}}]
-    assert store_weights(sources, [{"name": "org/web", "weight": 5}, {"path": "/d/code/*.jsonl", "weight": 3},
+    assert store_weights(sources, [{"name": "org/web", "config": "en", "weight": 5}, {"path": "/d/code/*.jsonl", "weight": 3},
                                    {"path": "/d/topics.jsonl", "weight": 1}], "S") == [1, 3, 5]
     assert store_weights(sources, [{"label": "web", "path": "x", "weight": 2}, {"label": "code", "path": "y", "weight": 0},
                                    {"label": "topics", "path": "z", "weight": 1}], "S") == [1, 0, 2]
-    assert store_weights(sources, [{"path": "/d/topics.jsonl"}, {"path": "/d/code/*"}, {"name": "org/web"}], "S") is None
+    assert store_weights(sources, [{"path": "/d/topics.jsonl"}, {"path": "/d/code/*"}, {"name": "org/web", "config": "en"}],
+                         "S") is None
+    same_file = [{"label": "a", "identity": {"path": "/d/x.jsonl"}}, {"label": "b", "identity": {"path": "/d/x.jsonl"}}]
+    with pytest.raises(UserError, match="names more than one source"):  # two text columns of one file: use labels
+        store_weights(same_file, [{"path": "/d/x.jsonl", "weight": 1}, {"label": "b", "path": "-", "weight": 1}], "S")
+    # the same recipe that prepared a store: no config is none, no split is train, * stays in one folder
+    two = [{"label": "web", "identity": {"name": "org/web", "config": None, "split": "train"}},
+           {"label": "extra", "identity": {"name": "org/web", "config": None, "split": "extra"}},
+           {"label": "web-en", "identity": {"name": "org/web", "config": "en", "split": "train"}},
+           {"label": "new", "identity": {"files": [{"path": "/d/web/a.jsonl"}, {"path": "/d/web/b.jsonl"}]}},
+           {"label": "old", "identity": {"files": [{"path": "/d/web/old/a.jsonl"}, {"path": "/d/web/.old/x.jsonl"}]}}]
+    with pytest.raises(UserError, match="entry 4 .* names no source"):  # hidden folders are not matched by *
+        store_weights(two, [{"name": "org/web", "weight": 1}, {"name": "org/web", "split": "extra", "weight": 2},
+                            {"name": "org/web", "config": "en", "weight": 3}, {"path": "/d/web/*.jsonl", "weight": 4},
+                            {"path": "/d/web/*/*.jsonl", "weight": 5}], "S")
+    two[4]["identity"]["files"][1]["path"] = "/d/web/older/x.jsonl"
+    assert store_weights(two, [{"name": "org/web", "weight": 1}, {"name": "org/web", "split": "extra", "weight": 2},
+                               {"name": "org/web", "config": "en", "weight": 3}, {"path": "/d/web/*.jsonl", "weight": 4},
+                               {"path": "/d/web/*/*.jsonl", "weight": 5}], "S") == [1, 2, 3, 4, 5]
     for entries, message in [
             ([{"path": "/d/other.jsonl", "weight": 1}], r"entry 0 \(/d/other.jsonl\) names no source of token store S"),
-            ([{"path": "/d/*", "weight": 1}], "names more than one source"),
             ([{"name": "org/web", "config": "fr", "weight": 1}], "names no source"),
             ([{"path": "/d/topics.jsonl", "weight": 1}, {"label": "topics", "path": "q", "weight": 2}], "twice"),
-            ([{"path": "/d/topics.jsonl", "weight": 1}, {"name": "org/web", "weight": 2}], "no weight to code")]:
+            ([{"path": "/d/topics.jsonl", "weight": 1}, {"name": "org/web", "config": "en", "weight": 2}], "no weight to code")]:
         with pytest.raises(UserError, match=message):
             store_weights(sources, entries, "S")
 
@@ -250,6 +267,9 @@ def test_streamed_mixture_trains_by_weight_and_resumes_exactly(corpus, small_sou
     other = [*args[:args.index("--train_weights")], "--train_weights", 3, 1, *args[args.index("--train_weights") + 3:]]
     refused = train(*other, "--resume_from_checkpoint", out / "checkpoints" / "step_8")
     assert refused.returncode == 2 and "training data changed" in refused.stderr.strip().splitlines()[-1]
+    more_eval = [*args[:args.index("--max_eval_samples")], "--max_eval_samples", 6, *args[args.index("--max_eval_samples") + 2:]]
+    refused = train(*more_eval, "--resume_from_checkpoint", out / "checkpoints" / "step_8")  # other documents held out
+    assert refused.returncode == 2 and "held_out" in refused.stderr.strip().splitlines()[-1], refused.stderr[-2000:]
 
 
 def test_a_resume_on_other_data_is_refused_at_every_step_even_at_an_epochs_end(tmp_path):
@@ -271,7 +291,7 @@ def test_a_resume_on_other_data_is_refused_at_every_step_even_at_an_epochs_end(t
     for checkpoint in ("latest", out / "checkpoints" / "step_1"):
         refused = train(*args, "--num_train_epochs", 2, "--train_weights", 9, 1, "--resume_from_checkpoint", checkpoint)
         assert refused.returncode == 2, refused.stderr[-3000:]
-        assert "training data changed" in refused.stderr.strip().splitlines()[-1] and "weight 1.0 -> 9.0" in refused.stderr
+        assert "training data changed" in refused.stderr.strip().splitlines()[-1] and "weight 0.5 -> 0.9" in refused.stderr
     b.write_text(b.read_text().upper())  # the same size, other text
     swapped = train(*args, "--num_train_epochs", 2, "--train_weights", 1, 1, "--resume_from_checkpoint", "latest")
     assert swapped.returncode == 2 and "content" in swapped.stderr.strip().splitlines()[-1], swapped.stderr[-3000:]

@@ -239,11 +239,12 @@ class Checkpointer:
         if saved is None or saved == json.loads(json.dumps(signature)):
             return
         changes = [f"{old.get('label')}: {key} {old.get(key)} -> {new.get(key)}" for old, new in zip(saved, signature)
-                   for key in ("label", "weight", "train_blocks", "content") if old.get(key) != new.get(key)]
+                   for key in ("label", "weight", "held_out", "train_blocks", "content") if old.get(key) != new.get(key)]
         if len(saved) != len(signature):
             changes = [f"{len(saved)} sources -> {len(signature)}"]
         raise UserError(f"the training data changed since {self.resume_from} ({'; '.join(changes[:3])}): resume with "
-                        "the same sources, weights and --max_eval_samples, or start a new --output_dir")
+                        "the same sources, weights, --max_eval_samples and --validation_split_percentage, or start "
+                        "a new --output_dir")
 
     def before_prepare(self, accelerator):
         if self.resume_from:

@@ -12,7 +12,7 @@ import yaml
 from utils import errors
 from utils.errors import UserError
 from utils.sources import check_weights, parse_sources, store_weights
-from utils.store import check_store, read_manifest
+from utils.store import read_manifest
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 REPORT_TO = ("none", "tensorboard", "wandb", "all")
@@ -63,7 +63,8 @@ def build_parser():
         help="tokens attend only within their own document inside a packed block (position ids restart at each "
              "document, and its first token is not predicted from the document before it)")
     add("--max_eval_samples", type=int, default=None,
-        help="evaluate on the first N validation blocks (default: all; with --streaming, 512)")
+        help="validation blocks evaluated per source (default: 1,048,576 tokens' worth); of a split held out of "
+             "train, what evaluation does not use is trained on")
     add("--vocab_size", type=int, default=4096, help="size of a tokenizer trained here when none is given")
     # Model
     add("--model_name_or_path", help="pretrained model (Hub name or local directory) to continue training")
@@ -195,9 +196,16 @@ def validate(args, writes_store=False):
         given = [f"--{flag}" for flag in ("dataset_name", "train_file", "validation_file", "streaming") if getattr(args, flag)]
         if given:
             raise UserError(f"--data_dir holds the tokenized data: drop {', '.join(given)} (they went to prepare_data.py)")
-        check_store(args.data_dir, read_manifest(args.data_dir))  # missing, incomplete or cut short: fails here
+        read_manifest(args.data_dir)  # a missing or incomplete store fails here (a damaged one: open_blocks)
     if args.dataset_name and args.train_file:
         raise UserError("give either --dataset_name or --train_file, not both")
+    if args.attn_implementation.startswith("flash_attention"):
+        from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+        version = args.attn_implementation[-1]
+        if not {"2": is_flash_attn_2_available, "3": is_flash_attn_3_available}[version]():
+            raise UserError(f"--attn_implementation {args.attn_implementation} needs a GPU and the flash-attn package "
+                            f"(version {version}): install it, or use sdpa (PyTorch's own flash kernels)")
     if args.model_name_or_path and args.config_name:
         raise UserError("give either --model_name_or_path (continue training) or --config_name (from scratch), not both")
     if args.eval_only and not args.model_name_or_path:

@@ -176,8 +176,8 @@ def open_blocks(path, block_size, max_eval_samples=None, weights=None):
 
     Evaluation takes the first eval_blocks(max_eval_samples) blocks of each validation split. A split
     held out of train gives what evaluation does not use back to training, from the first document
-    boundary after the evaluated tokens on (as --streaming does), so nothing is both trained on and
-    evaluated, and nothing is neither."""
+    boundary after the evaluated tokens on (as --streaming does): nothing is both trained on and
+    evaluated, and only the rest of the one document that evaluation cuts is neither."""
     manifest = read_manifest(path)
     check_store(path, manifest)  # a shard cut short (an interrupted copy) would train on less, silently
     sources = manifest["sources"]
@@ -213,11 +213,20 @@ def _content_id(source):
 
 
 def data_signature(blocks):
-    """What the run trains on, per source, for a checkpoint to compare on resume: label, weight, content
-    (a store's shard digests; a stream's identity) and training blocks (which --max_eval_samples moves)."""
-    return [{"label": b["label"], "weight": b["weight"], "content": b.get("content") or b["identity"],
+    """What the run trains on, per source, for a checkpoint to compare on resume: label, share of the
+    weights, content (a store's shard digests; a stream's files or Hub dataset, not their mtimes, which a
+    copy to node-local disk changes), tokens held out of training (--max_eval_samples and
+    --validation_split_percentage move them) and training blocks."""
+    weights = [b["weight"] for b in blocks]
+    total = sum(weights) if None not in weights else None
+    return [{"label": b["label"], "weight": None if total is None else round(b["weight"] / total, 12),
+             "content": b.get("content") or _without_mtimes(b["identity"]), "held_out": b["held_out_tokens"],
              "train_blocks": None if isinstance(b["train"], torch.utils.data.IterableDataset) else len(b["train"])}
             for b in blocks]
+
+
+def _without_mtimes(identity):
+    return json.loads(json.dumps(identity), object_hook=lambda d: {k: v for k, v in d.items() if k != "mtime_ns"})
 
 
 # --- Loaders --------------------------------------------------------------------------------

@@ -180,6 +180,8 @@ class TrainingMetrics:
             if len(step) == micro_batches:
                 yield step
                 step = []
+        if step:
+            raise RuntimeError(f"the loader ended {len(step)} micro-batches into an optimizer step of {micro_batches}")
 
     def micro_batch_done(self, loss):
         """loss: this micro-batch's share of its step's loss (the step's: the sum over micro-batches and processes)."""

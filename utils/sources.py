@@ -126,13 +126,21 @@ def _names(entry, source):
     identity = source["identity"]
     if entry.get("label") is not None:
         return str(entry["label"]) == source["label"]
-    if "name" in entry:
-        return identity.get("name") == entry["name"] and all(
-            entry.get(key) in (None, identity.get(key)) for key in ("config", "split"))
+    if "name" in entry:  # as parse_sources reads an entry: no config is none, no split is train
+        return (identity.get("name"), identity.get("config"), identity.get("split")) == (
+            entry["name"], entry.get("config"), entry.get("split") or "train")
     pattern = os.path.abspath(os.path.expanduser(entry["path"]))
     paths = [f["path"] for f in identity.get("files", [])] or [identity.get("path")]
-    return None not in paths and all(fnmatch.fnmatchcase(path, pattern) if glob.has_magic(pattern) else path == pattern
-                                     for path in paths)
+    return None not in paths and all(_glob_matches(path, pattern) for path in paths)
+
+
+def _glob_matches(path, pattern):
+    """Whether glob.glob(pattern) would list `path` (without reading the disk: the store may have been
+    prepared elsewhere): component by component, so * stays within a folder, and * skips hidden names."""
+    names, parts = path.split(os.sep), pattern.split(os.sep)
+    return len(names) == len(parts) and all(
+        fnmatch.fnmatchcase(name, part) and (not name.startswith(".") or part.startswith("."))
+        for name, part in zip(names, parts))
 
 
 def _check_entry(entry, number):

@@ -154,19 +154,24 @@ def read_manifest(path):
 
 
 def check_store(path, manifest, digests=False):
-    """Every shard of the store is there with the size its manifest records (a stat per shard: cheap at
-    any scale); with `digests`, its sha256 too (reads every byte: for stores copied between filesystems)."""
+    """Every shard of the store is there with the size its manifest records (one stat per shard: cheap at
+    any scale); with `digests`, its sha256 and document ends too (reads every byte: for stores copied
+    between filesystems)."""
     itemsize = np.dtype(manifest["dtype"]).itemsize
     for source in manifest["sources"]:
         for split, recorded in source["splits"].items():
             for shard in recorded["shards"]:
                 base = os.path.join(path, source["dir"], split, shard["name"])
                 expected = shard["tokens"] * itemsize
-                size = os.path.getsize(base + ".bin") if os.path.isfile(base + ".bin") else None
+                try:
+                    size = os.stat(base + ".bin").st_size
+                except OSError:
+                    size = None
                 problem = ("is missing" if size is None else
                            f"has {size:,} bytes where the manifest records {expected:,}" if size != expected else
-                           f"has no {os.path.basename(base)}.ends.npy" if not os.path.isfile(base + ".ends.npy") else
-                           "does not match its sha256" if digests and _sha256(base + ".bin") != shard["sha256"] else None)
+                           "does not match its sha256" if digests and _sha256(base + ".bin") != shard["sha256"] else
+                           f"has no {os.path.basename(base)}.ends.npy" if digests and not os.path.isfile(base + ".ends.npy")
+                           else None)
                 if problem:
                     raise UserError(f"token store {path} is damaged: {source['dir']}/{split}/{shard['name']}.bin "
                                     f"{problem}: copy the store again, or delete it and prepare it again")
@@ -218,7 +223,12 @@ def document_boundary(path, manifest, source_number, split, position):
     start = 0
     for shard in source["splits"][split]["shards"]:
         if start + shard["tokens"] >= position and shard["tokens"]:
-            ends = np.load(os.path.join(path, source["dir"], split, shard["name"] + ".ends.npy"))
+            ends_file = os.path.join(path, source["dir"], split, shard["name"] + ".ends.npy")
+            try:
+                ends = np.load(ends_file)
+            except (OSError, ValueError) as e:
+                raise UserError(f"token store {path} is damaged: {ends_file} cannot be read ({type(e).__name__}): "
+                                "copy the store again, or delete it and prepare it again") from e
             return start + int(ends[np.searchsorted(ends, position - start)])
         start += shard["tokens"]
     return start
