@@ -42,7 +42,8 @@ def main(argv=None):
         raise UserError("prepare_data.py reads the whole corpus: drop --streaming")
     start = time.perf_counter()
     sources = [load_source(s, args.validation_split_percentage) for s in args.sources]
-    tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path, args.vocab_size, sources, PartialState())
+    tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path, args.vocab_size, sources, PartialState(),
+                               args.tokenizer_sample_documents)
     tokenizer_ready = time.perf_counter()
     manifest = write_token_store(args.data_dir, sources, tokenizer, args.preprocessing_num_workers,
                                  shard_documents=args.shard_documents)

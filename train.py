@@ -201,7 +201,8 @@ def load_data(args, accelerator, base_config, samples_per_step):
         blocks = open_blocks(args.data_dir, args.block_size, args.max_eval_samples, args.train_weights)
     else:
         sources = [load_source(s, args.validation_split_percentage, args.streaming) for s in args.sources]
-        tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path, args.vocab_size, sources, accelerator)
+        tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path, args.vocab_size, sources, accelerator,
+                                   args.tokenizer_sample_documents)
         config = model_config(args, base_config, tokenizer)  # a tokenizer the model cannot embed fails before tokenizing
         if args.streaming:  # tokenized and packed on the fly while training; only validation blocks are made now
             blocks = stream_blocks(sources, tokenizer, args.block_size, args.stream_shuffle_blocks, args.seed,

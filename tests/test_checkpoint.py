@@ -95,3 +95,15 @@ def test_a_checkpoint_of_another_layout_is_refused_in_one_line(tmp_path, acceler
         prepare_resume(accelerator, str(tmp_path), state)
     state["distributed_type"] = "MULTI_GPU"  # DDP on 2 processes: loads on 1 as it is
     assert prepare_resume(accelerator, str(tmp_path), state) == str(tmp_path)
+
+
+def test_temporary_names_differ_between_hosts_with_the_same_pid(monkeypatch):
+    """Containers on two nodes sharing a filesystem often run the writer under the same PID."""
+    import socket
+
+    import utils.files as files
+
+    mine = temporary_name("/shared/cache/x")
+    monkeypatch.setattr(files, "_HOST", "other-node")
+    assert mine != temporary_name("/shared/cache/x") and str(os.getpid()) in mine
+    assert mine.startswith("/shared/cache/x.tmp") and socket.gethostname().replace("/", "_") in mine

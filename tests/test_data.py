@@ -122,3 +122,22 @@ def test_held_out_text_beyond_what_is_evaluated_is_trained_on_the_same_on_every_
         assert held_out == blocks["held_out_tokens"] and next(iter(train))["text"] == docs[last + 1]
         assert len(validation) == len(blocks["validation"])
         assert validation.tokens[:len(evaluated)].tolist() == evaluated.tolist()
+
+
+def test_a_tokenizer_trained_here_learns_from_a_bounded_sample_spread_over_each_source():
+    """Training a tokenizer on the whole corpus grows with it (8 MB/s, on each node's main process while
+    the other ranks wait): it learns from a fixed number of documents, evenly spread, in equal parts."""
+    from utils.data import _spread_sample
+
+    raw = Dataset.from_dict({"text": [f"doc{i}" for i in range(1000)]})
+    assert list(_spread_sample(raw, "text", 4)) == ["doc0", "doc250", "doc500", "doc750"]
+    assert list(_spread_sample(raw.select(range(3)), "text", 4)) == ["doc0", "doc1", "doc2"]
+    # each source gets its part: a rare word of the second source is learned from a sample of 2 + 2
+    first = Dataset.from_dict({"text": ["common words here " * 20] * 500})
+    second = Dataset.from_dict({"text": ["zyxwvzyxwv " * 30] * 500})
+    small = load_tokenizer(None, 300, [in_memory_source({"train": first}, "a"), in_memory_source({"train": second}, "b")],
+                           PartialState(), sample_documents=4)
+    assert len(small("zyxwvzyxwv")["input_ids"]) <= 2
+    larger = load_tokenizer(None, 300, [in_memory_source({"train": first}, "a"), in_memory_source({"train": second}, "b")],
+                            PartialState(), sample_documents=1000)
+    assert larger.name_or_path != small.name_or_path  # the sample is part of the cached tokenizer's identity

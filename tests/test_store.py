@@ -141,3 +141,23 @@ def test_a_damaged_store_is_refused_in_one_line_and_verify_checks_every_byte(sto
     shard.write_bytes(bytes(flipped))
     bad = prepare("--data_dir", copy, "--verify")
     assert bad.returncode == 2 and "does not match its sha256" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_thousands_of_shards_stay_within_the_open_file_limit(tmp_path):
+    """A memory-mapped file holds a file descriptor: a store of more shards than `ulimit -n` (a 1T-token
+    store has ~30,000) must still train. 400 shards are read here under a limit of 96 open files."""
+    corpus = tmp_path / "many.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document number {i} has a few words in it"}) + "\n"
+                              for i in range(400)))
+    store = tmp_path / "store"
+    done = prepare("--train_file", corpus, "--vocab_size", 300, "--data_dir", store, "--shard_documents", 1)
+    assert done.returncode == 0, done.stderr[-2000:]
+    code = ("import os, resource, sys; sys.path.insert(0, sys.argv[1]); from utils.data import open_blocks; "
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (96, 96)); blocks = open_blocks(sys.argv[2], 8)[0]; "
+            "train = blocks['train']; seen = [train[i]['input_ids'] for i in reversed(range(len(train)))]; "
+            "print(len(seen), len(os.listdir('/proc/self/fd')))")
+    result = subprocess.run([sys.executable, "-c", code, str(ROOT), str(store)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    blocks, open_files = map(int, result.stdout.split())
+    assert blocks > 300 // 8 and open_files < 96

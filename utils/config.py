@@ -10,6 +10,7 @@ import os
 import yaml
 
 from utils import errors
+from utils.data import TOKENIZER_SAMPLE_DOCUMENTS
 from utils.errors import UserError
 from utils.sources import check_weights, parse_sources, store_weights
 from utils.store import read_manifest
@@ -66,6 +67,9 @@ def build_parser():
         help="validation blocks evaluated per source (default: 1,048,576 tokens' worth); of a split held out of "
              "train, what evaluation does not use is trained on")
     add("--vocab_size", type=int, default=4096, help="size of a tokenizer trained here when none is given")
+    add("--tokenizer_sample_documents", type=int, default=TOKENIZER_SAMPLE_DOCUMENTS,
+        help="documents a tokenizer trained here learns from, in equal parts per source, spread evenly through "
+             "each (a stream: its first ones); about 20 s per 50,000 web documents")
     # Model
     add("--model_name_or_path", help="pretrained model (Hub name or local directory) to continue training")
     add("--config_name", help="model config (Hub name or local directory) to train from scratch")
@@ -174,7 +178,7 @@ def load_recipe(path, parser):
 
 def validate(args, writes_store=False):
     """Cheap checks that must fail before any model or data is loaded."""
-    for flag in ("block_size", "per_device_train_batch_size", "per_device_eval_batch_size",
+    for flag in ("block_size", "per_device_train_batch_size", "per_device_eval_batch_size", "tokenizer_sample_documents",
                  "gradient_accumulation_steps", "logging_steps", "num_train_epochs"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1 (got {getattr(args, flag)})")

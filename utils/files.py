@@ -4,7 +4,9 @@ power loss, because the data reaches the disk before the rename that publishes i
 
 import errno
 import os
+import re
 import shutil
+import socket
 from pathlib import Path
 
 from huggingface_hub.constants import HF_HOME
@@ -12,9 +14,13 @@ from huggingface_hub.constants import HF_HOME
 CACHE_ROOT = Path(HF_HOME) / "clm-train"  # this project's caches: corpus, tokenizers, token stores
 
 
+_HOST = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())
+
+
 def temporary_name(path):
-    """A sibling name for `path` that no other process writes to."""
-    return f"{path}.tmp{os.getpid()}"
+    """A sibling name for `path` that no other process writes to, on any host (containers on different
+    nodes that share a filesystem often reuse the same PIDs)."""
+    return f"{path}.tmp{_HOST}-{os.getpid()}"
 
 
 def write_atomic(path, data):

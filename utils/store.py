@@ -13,6 +13,7 @@ A shard is a fixed range of documents, so an interrupted store resumes with the 
 """
 
 import concurrent.futures
+import functools
 import hashlib
 import io
 import json
@@ -191,12 +192,40 @@ def _read_json(path):
 
 
 def split_shards(path, manifest, source_number, split):
-    """The memory-mapped shards of one source's split, in order."""
+    """The shards of one source's split, in order, each a Shard: mapped only while it is being read."""
     source = manifest["sources"][source_number]
     folder = os.path.join(path, source["dir"], split)
     dtype = np.dtype(manifest["dtype"])
-    return [np.memmap(os.path.join(folder, s["name"] + ".bin"), dtype=dtype, mode="r") if s["tokens"]
+    return [Shard(os.path.join(folder, s["name"] + ".bin"), dtype, 0, s["tokens"]) if s["tokens"]
             else np.zeros(0, dtype) for s in source["splits"][split]["shards"]]
+
+
+OPEN_SHARDS = 64  # memory-mapped shard files per process at once: a 1T-token store has ~30,000 shards
+
+
+@functools.lru_cache(maxsize=OPEN_SHARDS)
+def _mapped(filename, dtype):
+    """A shard file memory-mapped (np.memmap holds a file descriptor, so only the most recently read
+    OPEN_SHARDS stay open: thousands of shards stay within `ulimit -n`)."""
+    return np.memmap(filename, dtype=dtype, mode="r")
+
+
+class Shard:
+    """Tokens [start, start + length) of a shard file, read through a bounded cache of mappings."""
+
+    def __init__(self, filename, dtype, start, length):
+        self.filename, self.dtype, self.start, self.length = filename, np.dtype(dtype), start, length
+
+    def __len__(self):
+        return self.length
+
+    def view(self, first, end):
+        """Tokens [first, end) of this one, nothing read."""
+        return Shard(self.filename, self.dtype, self.start + first, end - first)
+
+    def __getitem__(self, index):
+        first, end, _ = index.indices(self.length)
+        return _mapped(self.filename, self.dtype)[self.start + first:self.start + max(first, end)]
 
 
 def join_shards(shards, dtype):
@@ -211,7 +240,7 @@ def slice_shards(shards, start, stop=None):
     for shard in shards:
         first, end = max(start - offset, 0), len(shard) if stop is None else min(stop - offset, len(shard))
         if first < end:
-            views.append(shard[first:end])
+            views.append(shard.view(first, end) if isinstance(shard, Shard) else shard[first:end])
         offset += len(shard)
     return views
 
@@ -235,7 +264,7 @@ def document_boundary(path, manifest, source_number, split, position):
 
 
 class ShardedTokens:
-    """Several memory-mapped shards read as one sequence of tokens (len and slices with step 1)."""
+    """Several shards (Shard, or arrays) read as one sequence of tokens (len and slices with step 1)."""
 
     def __init__(self, shards):
         self.shards = shards
