@@ -80,7 +80,7 @@ def main(argv=None):
     # ---- Data: load, tokenize once (cached), pack into blocks ----
     tokenizer, config, blocks, train_dataloader, eval_dataloader, train_order = load_data(args, accelerator, base_config,
                                                                                           samples_per_step)
-    checkpointer.check_data(data_signature(blocks))  # a resume continues on the same sources, weights and splits
+    checkpointer.check_data(data_signature(blocks, tokenizer))  # a resume continues on the same data and tokenizer
     if accelerator.is_main_process:  # only now: bad data leaves --output_dir as it was
         os.makedirs(args.output_dir, exist_ok=True)
     steps_per_epoch = train_order.steps_per_epoch  # None for a stream

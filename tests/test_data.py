@@ -132,6 +132,8 @@ def test_a_tokenizer_trained_here_learns_from_a_bounded_sample_spread_over_each_
     raw = Dataset.from_dict({"text": [f"doc{i}" for i in range(1000)]})
     assert list(_spread_sample(raw, "text", 4)) == ["doc0", "doc250", "doc500", "doc750"]
     assert list(_spread_sample(raw.select(range(3)), "text", 4)) == ["doc0", "doc1", "doc2"]
+    long = Dataset.from_dict({"text": ["x" * 10_000, "", "y"]})  # cut to a bounded length; empty ones skipped
+    assert [len(t) for t in _spread_sample(long, "text", 10)] == [8_192, 1]
     # each source gets its part: a rare word of the second source is learned from a sample of 2 + 2
     first = Dataset.from_dict({"text": ["common words here " * 20] * 500})
     second = Dataset.from_dict({"text": ["zyxwvzyxwv " * 30] * 500})
@@ -141,3 +143,4 @@ def test_a_tokenizer_trained_here_learns_from_a_bounded_sample_spread_over_each_
     larger = load_tokenizer(None, 300, [in_memory_source({"train": first}, "a"), in_memory_source({"train": second}, "b")],
                             PartialState(), sample_documents=1000)
     assert larger.name_or_path != small.name_or_path  # the sample is part of the cached tokenizer's identity
+    assert len(larger("common words here")["input_ids"]) <= 3  # learned from text, not from anything else

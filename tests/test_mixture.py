@@ -292,8 +292,13 @@ def test_a_resume_on_other_data_is_refused_at_every_step_even_at_an_epochs_end(t
         refused = train(*args, "--num_train_epochs", 2, "--train_weights", 9, 1, "--resume_from_checkpoint", checkpoint)
         assert refused.returncode == 2, refused.stderr[-3000:]
         assert "training data changed" in refused.stderr.strip().splitlines()[-1] and "weight 0.5 -> 0.9" in refused.stderr
-    b.write_text(b.read_text().upper())  # the same size, other text
-    swapped = train(*args, "--num_train_epochs", 2, "--train_weights", 1, 1, "--resume_from_checkpoint", "latest")
+    other_tokenizer = train(*args, "--num_train_epochs", 2, "--train_weights", 1, 1, "--tokenizer_sample_documents", 2,
+                            "--resume_from_checkpoint", "latest")  # a tokenizer trained here on another sample
+    assert other_tokenizer.returncode == 2 and "another tokenizer" in other_tokenizer.stderr.strip().splitlines()[-1]
+    b.write_text(b.read_text().upper())  # the same size, other text (tokenized by the checkpoint's own tokenizer)
+    newest = sorted((out / "checkpoints").glob("step_*"), key=lambda p: int(p.name[5:]))[-1]
+    swapped = train(*args, "--num_train_epochs", 2, "--train_weights", 1, 1, "--tokenizer_name", newest,
+                    "--resume_from_checkpoint", "latest")
     assert swapped.returncode == 2 and "content" in swapped.stderr.strip().splitlines()[-1], swapped.stderr[-3000:]
 
 

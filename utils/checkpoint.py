@@ -236,8 +236,12 @@ class Checkpointer:
         records are only meaningful for the same sources, weights and splits. Remembered for saves."""
         self.data = signature
         saved = (self.resume_state or {}).get("data")
-        if saved is None or saved == json.loads(json.dumps(signature)):
-            return
+        if not isinstance(saved, dict) or saved == json.loads(json.dumps(signature)):
+            return  # the same data, or a checkpoint from before data signatures
+        if saved["tokenizer"] != signature["tokenizer"]:
+            raise UserError(f"{self.resume_from} was trained with another tokenizer than this run's (a tokenizer trained "
+                            f"here on another sample?): resume with --tokenizer_name {self.resume_from}")
+        saved, signature = saved["sources"], signature["sources"]
         changes = [f"{old.get('label')}: {key} {old.get(key)} -> {new.get(key)}" for old, new in zip(saved, signature)
                    for key in ("label", "weight", "held_out", "train_blocks", "content") if old.get(key) != new.get(key)]
         if len(saved) != len(signature):

@@ -22,7 +22,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from utils.errors import UserError
 from utils.files import CACHE_ROOT, publish, temporary_name
 from utils.mixture import MixtureSampler, mix_streams
-from utils.store import (FORMAT, MANIFEST, check_store, document_boundary, join_shards, read_manifest, slice_shards,
+from utils.store import (FORMAT, MANIFEST, check_store, clear_mapped_shards, document_boundary, join_shards, read_manifest, slice_shards,
                          split_shards, tokenizer_identity, write_store)
 
 EOS_TOKEN = "<|endoftext|>"
@@ -30,6 +30,7 @@ EOS_TOKEN = "<|endoftext|>"
 # the sources: byte-level BPE training runs at about 8 MB of text per second, so ~3 KB web documents
 # cost about 20 s, on each node's main process, whatever the corpus size.
 TOKENIZER_SAMPLE_DOCUMENTS = 50_000
+TOKENIZER_SAMPLE_CHARS = 8_192  # of each sampled document: 50,000 books stay ~400 MB (~50 s), not 20 GB
 IGNORE_INDEX = -100  # a label the loss leaves out (transformers' and torch's convention)
 # What one evaluation reads per source unless --max_eval_samples says otherwise: a fixed token budget
 # (Megatron's eval_iters idea), about 1/3 of a training step's compute at a 1M-token global batch.
@@ -56,16 +57,16 @@ def load_tokenizer(name, vocab_size, sources, accelerator, sample_documents=TOKE
                             "download it while online (offline runs need a local directory)") from e
     else:
         keys, texts = [], []
-        per_source = max(1, sample_documents // len(sources))
+        per_source = max(1, sample_documents // len(sources))  # at least one document of each source
         for source in sources:
             train, column = source["splits"]["train"], source["text_column"]
             if isinstance(train, IterableDataset):  # a stream: learn the vocabulary from its beginning
-                keys.append(f"{json.dumps(source['identity'])}-{column}")
-                texts.append(document[column] for document in train.take(per_source))
+                keys.append(f"{json.dumps(source['identity'])}-{column}-{per_source}-{TOKENIZER_SAMPLE_CHARS}")
+                texts.append(document[column][:TOKENIZER_SAMPLE_CHARS] for document in train.take(per_source))
             else:
-                keys.append(f"{train._fingerprint}-{column}")
+                keys.append(f"{train._fingerprint}-{column}-{per_source}-{TOKENIZER_SAMPLE_CHARS}")
                 texts.append(_spread_sample(train, column, per_source))
-        key = hashlib.sha256(f"{'|'.join(keys)}-{vocab_size}-{per_source}".encode()).hexdigest()[:16]
+        key = hashlib.sha256(f"{'|'.join(keys)}-{vocab_size}".encode()).hexdigest()[:16]
         path = CACHE_ROOT / "tokenizers" / key
         # the main process of each node first: caches may be node-local (each node trains its own copy)
         # or shared (the first to finish publishes it; the others' copies are dropped)
@@ -86,7 +87,7 @@ def _spread_sample(dataset, column, count):
     n = len(dataset)
     chosen = dataset.select([i * n // count for i in range(count)]) if n > count else dataset
     for batch in chosen.select_columns([column]).iter(batch_size=1_000):
-        yield from batch[column]
+        yield from (text[:TOKENIZER_SAMPLE_CHARS] for text in batch[column] if text)
 
 
 def store_tokenizer(path, expected=None):
@@ -194,6 +195,7 @@ def open_blocks(path, block_size, max_eval_samples=None, weights=None):
     evaluated, and only the rest of the one document that evaluation cuts is neither."""
     manifest = read_manifest(path)
     check_store(path, manifest)  # a shard cut short (an interrupted copy) would train on less, silently
+    clear_mapped_shards()  # a store written again at the same path in this process: no stale mappings
     sources = manifest["sources"]
     if weights is not None and len(weights) != len(sources):
         raise UserError(f"--train_weights has {len(weights)} values for the {len(sources)} sources of token store "
@@ -226,17 +228,18 @@ def _content_id(source):
     return hashlib.sha256(json.dumps([source["validation"], digests]).encode()).hexdigest()[:16]
 
 
-def data_signature(blocks):
+def data_signature(blocks, tokenizer):
     """What the run trains on, per source, for a checkpoint to compare on resume: label, share of the
     weights, content (a store's shard digests; a stream's files or Hub dataset, not their mtimes, which a
     copy to node-local disk changes), tokens held out of training (--max_eval_samples and
     --validation_split_percentage move them) and training blocks."""
     weights = [b["weight"] for b in blocks]
     total = sum(weights) if None not in weights else None
-    return [{"label": b["label"], "weight": None if total is None else round(b["weight"] / total, 12),
-             "content": b.get("content") or _without_mtimes(b["identity"]), "held_out": b["held_out_tokens"],
-             "train_blocks": None if isinstance(b["train"], torch.utils.data.IterableDataset) else len(b["train"])}
-            for b in blocks]
+    return {"tokenizer": tokenizer_identity(tokenizer), "sources": [
+        {"label": b["label"], "weight": None if total is None else round(b["weight"] / total, 12),
+         "content": b.get("content") or _without_mtimes(b["identity"]), "held_out": b["held_out_tokens"],
+         "train_blocks": None if isinstance(b["train"], torch.utils.data.IterableDataset) else len(b["train"])}
+        for b in blocks]}
 
 
 def _without_mtimes(identity):

@@ -5,6 +5,7 @@ power loss, because the data reaches the disk before the rename that publishes i
 import errno
 import os
 import re
+import secrets
 import shutil
 import socket
 from pathlib import Path
@@ -19,8 +20,9 @@ _HOST = re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())
 
 def temporary_name(path):
     """A sibling name for `path` that no other process writes to, on any host (containers on different
-    nodes that share a filesystem often reuse the same PIDs)."""
-    return f"{path}.tmp{_HOST}-{os.getpid()}"
+    nodes that share a filesystem often reuse the same PIDs; the random part covers containers that
+    share a host name too)."""
+    return f"{path}.tmp{_HOST}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
 def write_atomic(path, data):

@@ -207,7 +207,15 @@ OPEN_SHARDS = 64  # memory-mapped shard files per process at once: a 1T-token st
 def _mapped(filename, dtype):
     """A shard file memory-mapped (np.memmap holds a file descriptor, so only the most recently read
     OPEN_SHARDS stay open: thousands of shards stay within `ulimit -n`)."""
-    return np.memmap(filename, dtype=dtype, mode="r")
+    try:
+        return np.memmap(filename, dtype=dtype, mode="r")
+    except OSError as e:
+        raise UserError(f"cannot read token store shard {filename} ({e.strerror or type(e).__name__}): check the file "
+                        "and its permissions, or copy the store again") from e
+
+
+def clear_mapped_shards():
+    _mapped.cache_clear()
 
 
 class Shard:
@@ -224,6 +232,8 @@ class Shard:
         return Shard(self.filename, self.dtype, self.start + first, end - first)
 
     def __getitem__(self, index):
+        if not isinstance(index, slice) or index.step not in (None, 1):
+            raise TypeError("a Shard reads contiguous slices only")
         first, end, _ = index.indices(self.length)
         return _mapped(self.filename, self.dtype)[self.start + first:self.start + max(first, end)]
 
