@@ -199,7 +199,7 @@ class TrainingMetrics:
         mean_loss = (accelerator.reduce(self.loss_sum, "sum") / self.window_steps).item()  # each step's: a sum
         elapsed, data_wait_pct = self.timer.close_window()
         tokens_per_second = self.window_steps * self.tokens_per_step / elapsed
-        mfu = self.peak_flops and self.flops_per_token * tokens_per_second / (self.peak_flops * accelerator.num_processes)
+        mfu = self._mfu(tokens_per_second)
         self.log.log(step, loss=mean_loss, lr=lr, grad_norm=None if grad_norm is None else float(grad_norm),
                      tokens_per_second=tokens_per_second, mfu=mfu, peak_memory_gib=peak_memory_gib(accelerator),
                      data_wait_pct=data_wait_pct, predicted_tokens=int(predicted_tokens), **counters)
@@ -224,6 +224,11 @@ class TrainingMetrics:
         """For results.json: training time, mean tokens/s and MFU of this process's run (resumes excluded)."""
         seconds = self.timer.train_seconds
         tokens_per_second = self.run_steps * self.tokens_per_step / seconds if self.run_steps else None
-        mfu = tokens_per_second and self.peak_flops and self.flops_per_token * tokens_per_second / (
-            self.peak_flops * self.accelerator.num_processes)
-        return dict(tokens_per_second=tokens_per_second, train_seconds=seconds, mfu=mfu or None)
+        return dict(tokens_per_second=tokens_per_second, train_seconds=seconds,
+                    mfu=self._mfu(tokens_per_second) if tokens_per_second else None)
+
+    def _mfu(self, tokens_per_second):
+        """Model FLOPs utilization of all processes together, or None when the peak is unknown (a CPU)."""
+        if not self.peak_flops:
+            return None
+        return self.flops_per_token * tokens_per_second / (self.peak_flops * self.accelerator.num_processes)

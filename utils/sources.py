@@ -43,9 +43,7 @@ def parse_sources(args):
     if args.datasets is not None:
         if args.train_file or args.dataset_name:
             raise UserError("the recipe's datasets: list names the sources: drop --train_file / --dataset_name")
-        if not isinstance(args.datasets, list) or not args.datasets:
-            raise UserError("datasets: must be a non-empty list in the recipe (each entry with path: or name:)")
-        entries = [_check_entry(entry, n) for n, entry in enumerate(args.datasets)]
+        entries = recipe_entries(args.datasets)
     elif args.train_file:
         entries = [{"path": path} for path in args.train_file]
         if args.validation_file:
@@ -95,9 +93,7 @@ def store_weights(store_sources, entries, store):
     manifest's), each entry matched to the source it names: by `label`, else by `path` (the file, or a
     glob matching every file of the source), else by Hub `name` (and `config` / `split` when given).
     None when no entry has a weight (each source then weighs its size)."""
-    if not isinstance(entries, list) or not entries:
-        raise UserError("datasets: must be a non-empty list in the recipe (each entry with path: or name:)")
-    entries = [_check_entry(entry, n) for n, entry in enumerate(entries)]
+    entries = recipe_entries(entries)
     check_weights([entry.get("weight") for entry in entries])
     weights = [None] * len(store_sources)
     named = [False] * len(store_sources)
@@ -141,6 +137,23 @@ def _glob_matches(path, pattern):
     return len(names) == len(parts) and all(
         fnmatch.fnmatchcase(name, part) and (not name.startswith(".") or part.startswith("."))
         for name, part in zip(names, parts))
+
+
+def recipe_entries(datasets):
+    """A recipe's `datasets:` list, each entry checked (one line for the first bad one)."""
+    if not isinstance(datasets, list) or not datasets:
+        raise UserError("datasets: must be a non-empty list in the recipe (each entry with path: or name:)")
+    return [_check_entry(entry, n) for n, entry in enumerate(datasets)]
+
+
+def held_out_documents(count, validation_split_percentage, label):
+    """How many of a source's first `count` documents become its validation split when it has none
+    (at least one), the same on disk and streamed; refused when nothing would be left to train on."""
+    held_out = max(1, round(count * validation_split_percentage / 100))
+    if count and held_out >= count:
+        raise UserError(f"{validation_split_percentage}% of the {count} documents of {label} leaves an empty split: "
+                        "give it a validation file or change --validation_split_percentage")
+    return held_out
 
 
 def _check_entry(entry, number):
@@ -226,10 +239,7 @@ def load_source(source, validation_split_percentage=5, streaming=False):
     else:
         if "validation" not in raw:
             train = raw["train"]
-            held_out = max(1, round(len(train) * validation_split_percentage / 100))  # at least one document
-            if len(train) and held_out >= len(train):
-                raise UserError(f"{validation_split_percentage}% of the {len(train)} documents of {label} leaves an "
-                                "empty split: give it a validation file or change --validation_split_percentage")
+            held_out = held_out_documents(len(train), validation_split_percentage, label)
             raw = DatasetDict(validation=train.select(range(held_out)), train=train.select(range(held_out, len(train))))
         for split in ("train", "validation"):
             if len(raw[split]) == 0:

@@ -174,8 +174,11 @@ def check_store(path, manifest, digests=False):
                            f"has no {os.path.basename(base)}.ends.npy" if digests and not os.path.isfile(base + ".ends.npy")
                            else None)
                 if problem:
-                    raise UserError(f"token store {path} is damaged: {source['dir']}/{split}/{shard['name']}.bin "
-                                    f"{problem}: copy the store again, or delete it and prepare it again")
+                    raise _damaged(path, f"{source['dir']}/{split}/{shard['name']}.bin {problem}")
+
+
+def _damaged(path, problem):
+    return UserError(f"token store {path} is damaged: {problem}: copy the store again, or delete it and prepare it again")
 
 
 def _sha256(file):
@@ -266,8 +269,7 @@ def document_boundary(path, manifest, source_number, split, position):
             try:
                 ends = np.load(ends_file)
             except (OSError, ValueError) as e:
-                raise UserError(f"token store {path} is damaged: {ends_file} cannot be read ({type(e).__name__}): "
-                                "copy the store again, or delete it and prepare it again") from e
+                raise _damaged(path, f"{ends_file} cannot be read ({type(e).__name__})") from e
             return start + int(ends[np.searchsorted(ends, position - start)])
         start += shard["tokens"]
     return start

@@ -18,6 +18,7 @@ from torch.utils.data import IterableDataset
 
 from utils.errors import UserError
 from utils.data import PackedBlocks, document_encoder, eval_blocks
+from utils.sources import held_out_documents
 
 DOCUMENTS_PER_BATCH = 256  # one call of the Rust tokenizer, which spreads a batch over its threads
 _KEPT_ANCHORS = 8  # windows a checkpoint may lag behind the reader (prefetching)
@@ -66,11 +67,7 @@ def hold_out_validation(raw, text_column, encode, block_size, max_eval_samples=N
         if have >= wanted:
             break
     if "validation" not in raw and have < wanted:  # read whole
-        held = max(1, round(len(pieces) * validation_split_percentage / 100))
-        if held >= len(pieces):
-            raise UserError(f"{validation_split_percentage}% of the {len(pieces)} documents of {label} leaves an "
-                            "empty split: give it a validation file or change --validation_split_percentage")
-        pieces = pieces[:held]
+        pieces = pieces[:held_out_documents(len(pieces), validation_split_percentage, label)]
     held_out = sum(map(len, pieces))
     tokens = np.fromiter(chain.from_iterable(pieces), dtype=np.int32, count=held_out)[:wanted]
     if len(tokens) < block_size:
