@@ -16,7 +16,7 @@ from datasets import Dataset
 from conftest import TINY, launch, read_metrics, results, train_losses
 from utils.data import document_encoder, load_tokenizer
 from utils.errors import UserError
-from utils.mixture import MixedStreams, MixtureSampler, apportion, interleave
+from utils.mixture import MixedStreams, MixtureSampler, apportion, interleave, pass_key, permute
 from utils.sources import in_memory_source
 from utils.stream import StreamedBlocks
 
@@ -81,6 +81,57 @@ def test_sampler_resumes_mid_epoch_and_refuses_a_changed_mixture():
 def test_a_source_of_weight_zero_is_not_trained_on():
     sampler = MixtureSampler([100, 50], [1, 0], samples_per_step=10, seed=0)
     assert sampler.usable == 100 and max(list(sampler)) < 100
+
+
+def test_permute_is_a_keyed_bijection_computed_per_index():
+    for size in (1, 2, 3, 7, 64, 65, 1000, 4097):
+        full = permute(np.arange(size), size, pass_key(4, 1, 0))
+        assert sorted(full.tolist()) == list(range(size)), size
+        some = np.array([size - 1, 0, size // 2])
+        assert permute(some, size, pass_key(4, 1, 0)).tolist() == full[some].tolist()  # no state, no order
+    a, b = (permute(np.arange(1000), 1000, pass_key(4, 1, p)) for p in (0, 1))
+    assert (a != b).mean() > 0.95 and abs(np.corrcoef(a, np.arange(1000))[0, 1]) < 0.1
+
+
+def test_an_epoch_of_several_cycles_keeps_every_prefix_and_resumes_exactly(monkeypatch):
+    monkeypatch.setattr("utils.mixture.CYCLE", 100)  # an epoch of 6 cycles, as at 6 x 2^20 blocks
+    sizes, weights = [300, 170, 45], [5, 3, 1]
+    sampler = MixtureSampler(sizes, weights, samples_per_step=8, seed=2)
+    assert sampler.cycle == 80 and sampler.usable == 480  # 512 in whole steps: 6 cycles of 10 steps (<= 100)
+    assert sampler.counts.tolist() == (6 * apportion(80, weights)).tolist()
+    orders = [_epoch(sampler, e) for e in range(3)]
+    run = np.array(sum(orders, []))
+    source = np.searchsorted(np.cumsum(sizes), run, side="right")
+    drawn = np.cumsum(np.eye(3, dtype=np.int64)[source], axis=0)
+    share = np.arange(1, len(run) + 1)[:, None] * apportion(80, weights)[None, :] / 80
+    assert np.abs(drawn - share).max() < 1  # every prefix of the run, across cycles and epochs
+    for i, n in enumerate(sizes):  # each source's passes: every block once before any twice
+        seen = (run[source == i] - np.r_[0, np.cumsum(sizes)][i]).tolist()
+        passes = [seen[k:k + n] for k in range(0, len(seen), n)]
+        assert all(len(set(p)) == len(p) for p in passes)
+    assert sampler.drawn(480 + 250) == drawn[480 + 249].tolist()
+    for at in (0, 7 * 8, 80, 13 * 8, 472):
+        sampler.set_epoch(1)
+        sampler.start_at(json.loads(json.dumps(sampler.position(at))))
+        assert list(sampler) == orders[1][at:], at
+
+
+def test_the_order_of_ten_billion_blocks_costs_what_a_million_does():
+    """Nothing is held per block: the sampler of a 1e10-block mixture resumed at 90% of an epoch gives its
+    first step within a few megabytes (the interleave of one cycle, one byte per position)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    sampler = MixtureSampler([6 * 10**9, 3 * 10**9, 10**9], [0.6, 0.3, 0.1], samples_per_step=512, seed=0)
+    sampler.start_at(sampler.position(sampler.usable * 9 // 10 // 512 * 512))
+    order = iter(sampler)
+    step = [next(order) for _ in range(512)]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 16 << 20, peak
+    assert len(set(step)) == 512 and max(step) < 10**10
+    single = MixtureSampler([10**10], [None], samples_per_step=512, seed=0)
+    assert single.pattern is None and len(set(list(zip(range(1000), single)))) == 1000
 
 
 # --- Streams, in-process ---------------------------------------------------------------------
