@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, TINY, launch, train_losses
-from utils.store import ShardedTokens, token_dtype
+from utils.store import ShardedTokens, shard_number, token_dtype
 
 
 def script(name, *flags):
@@ -118,6 +118,14 @@ def test_token_width_and_sharded_reads():
     assert len(joined) == 20
     for a, b in [(0, 20), (3, 9), (5, 12), (11, 13), (19, 20), (7, 7)]:
         assert joined[a:b].tolist() == list(range(a, b))
+
+
+def test_shards_are_listed_in_their_order_past_100000():
+    """Shard names carry five digits: by name, a split's 100,001st shard (about 5e9 documents, a 10T-token
+    source) would be listed before its 100,000th, and the manifest would join the documents out of order."""
+    names = ["shard-100000.json", "shard-99999.json", "shard-00002.json", "shard-100001.json"]
+    assert sorted(names, key=shard_number) == ["shard-00002.json", "shard-99999.json", "shard-100000.json",
+                                               "shard-100001.json"]
 
 
 def test_a_damaged_store_is_refused_in_one_line_and_verify_checks_every_byte(store, tmp_path):
