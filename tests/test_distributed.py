@@ -54,7 +54,9 @@ def runs(tmp_path_factory, corpus):
     def run(name, num_processes=2):
         if (name, num_processes) not in made:
             out = tmp_path_factory.mktemp(f"{name}_{num_processes}") / "run"
-            launch(train_args(corpus, out), num_processes=num_processes, config_file=CONFIGS[name][0])
+            # DDP on 2: an empty cache, so both processes tokenize (a shard each) into the store they train on
+            fresh = {"HF_HOME": str(out.parent / "hf")} if (name, num_processes) == ("ddp", 2) else None
+            launch(train_args(corpus, out), num_processes=num_processes, config_file=CONFIGS[name][0], extra_env=fresh)
             made[name, num_processes] = out
         return made[name, num_processes]
     return run

@@ -169,3 +169,35 @@ def test_thousands_of_shards_stay_within_the_open_file_limit(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     blocks, open_files = map(int, result.stdout.split())
     assert blocks > 300 // 8 and open_files < 96
+
+
+def test_a_nodes_processes_share_the_shards_and_wait_on_the_filesystem(tmp_path):
+    """In-job tokenizing: each process of a node writes every n-th shard; the first waits for the others'
+    (on the filesystem, not in a timed collective) and writes the manifest: the same store one writer makes."""
+    import threading
+
+    from accelerate import PartialState
+    from datasets import Dataset
+
+    from utils.data import document_encoder, load_tokenizer
+    from utils.sources import in_memory_source
+    from utils.store import write_store
+
+    splits = {"train": Dataset.from_dict({"text": [f"document {i} with words" for i in range(70)]}),
+              "validation": Dataset.from_dict({"text": [f"held {i}" for i in range(9)]})}
+    sources = [in_memory_source(splits)]
+    tokenizer = load_tokenizer(None, 300, sources, PartialState())
+    encode = document_encoder(tokenizer)
+    alone = write_store(tmp_path / "alone", sources, tokenizer, encode, shard_documents=10)
+    together, first = tmp_path / "together", {}
+    waiting = threading.Thread(target=lambda: first.update(
+        manifest=write_store(together, sources, tokenizer, encode, shard_documents=10, part=(0, 3))))
+    waiting.start()
+    waiting.join(timeout=3)
+    assert waiting.is_alive() and not (together / "manifest.json").exists()  # its part done, the others' not
+    written = sorted(p.name for p in together.rglob("shard-*.json"))
+    assert len(written) == 3  # ordinals 0, 3, 6 of 7 train + 1 validation shards
+    assert write_store(together, sources, tokenizer, encode, shard_documents=10, part=(2, 3)) is None
+    assert write_store(together, sources, tokenizer, encode, shard_documents=10, part=(1, 3)) is None
+    waiting.join(timeout=30)
+    assert not waiting.is_alive() and first["manifest"]["content_id"] == alone["content_id"]

@@ -14,13 +14,14 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from accelerate.utils import gather
 from datasets import IterableDataset
 from torch.utils.data import BatchSampler, ConcatDataset, DataLoader, Dataset, SequentialSampler
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from utils.errors import UserError
-from utils.files import CACHE_ROOT, publish, temporary_name
+from utils.files import CACHE_ROOT, publish, temporary_name, wait_for
 from utils.mixture import MixtureSampler, mix_streams
 from utils.store import (FORMAT, MANIFEST, check_store, clear_mapped_shards, document_boundary, join_shards, read_manifest, slice_shards,
                          split_shards, tokenizer_identity, write_store)
@@ -167,14 +168,23 @@ def tokenize_and_pack(sources, tokenizer, block_size, accelerator, max_eval_samp
     cache (utils/store.py), then cut it into blocks: open_blocks' list, one entry per source.
 
     The store is keyed by the data's fingerprints, the text columns and the tokenizer, so a second run
-    memory-maps it at once; the main process of each node writes it (node-local or shared caches)."""
+    memory-maps it at once. The processes of each node write it together, each every n-th shard (node-local
+    caches: each node writes its own; shared ones: the nodes write the same files, the last copy stays), and
+    wait for the rest on the filesystem: no process-group timeout bounds how large a corpus may be."""
     key = hashlib.sha256(json.dumps([FORMAT, tokenizer_identity(tokenizer), *[
         [s["text_column"], s.get("held_out"), {split: d._fingerprint for split, d in s["splits"].items()}]
         for s in sources]]).encode()).hexdigest()[:16]
     path = CACHE_ROOT / "stores" / key
-    with accelerator.local_main_process_first():
-        if not (path / MANIFEST).is_file():
-            write_token_store(path, sources, tokenizer, workers)
+    node = accelerator.process_index - accelerator.local_process_index  # the rank of this node's first process
+    nodes = gather(torch.tensor([node], device=accelerator.device))  # accelerate's: an Accelerator or a PartialState
+    part = (accelerator.local_process_index, int((nodes == node).sum()))  # (this process, processes of this node)
+    if not (path / MANIFEST).is_file():  # each process of a node tokenizes its part; none waits in a collective
+        if part[0] == 0:
+            documents = sum(len(d) for s in sources for d in s["splits"].values())
+            accelerator.print(f"tokenizing {documents:,} documents into {path} ({part[1]} process(es) on each node; "
+                              "prepare_data.py does it once, before the job, for any number of runs)")
+        write_token_store(path, sources, tokenizer, workers, part=part)
+        wait_for([path / MANIFEST], "token store manifests (written once every shard is)")
     return open_blocks(path, block_size, max_eval_samples, [s["weight"] for s in sources])
 
 

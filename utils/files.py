@@ -8,6 +8,8 @@ import re
 import secrets
 import shutil
 import socket
+import sys
+import time
 from pathlib import Path
 
 from huggingface_hub.constants import HF_HOME
@@ -81,3 +83,16 @@ def _remove(path):
         shutil.rmtree(path, ignore_errors=True)
     else:
         os.remove(path)
+
+
+def wait_for(paths, what, poll_seconds=1.0, report_seconds=300.0):
+    """Return once every file in `paths` exists: a wait on the filesystem, which no process-group timeout
+    cuts short however long the work takes (a peer that dies ends the job through its launcher)."""
+    missing, start, reported = [p for p in paths if not os.path.exists(p)], time.monotonic(), time.monotonic()
+    while missing:
+        time.sleep(poll_seconds)
+        missing = [p for p in missing if not os.path.exists(p)]
+        if missing and time.monotonic() - reported > report_seconds:
+            reported = time.monotonic()
+            print(f"waiting for {len(missing)} of {len(paths)} {what} ({reported - start:.0f} s so far)",
+                  file=sys.stderr, flush=True)

@@ -26,7 +26,7 @@ from itertools import chain
 import numpy as np
 
 from utils.errors import UserError
-from utils.files import publish, temporary_name, write_atomic
+from utils.files import publish, temporary_name, wait_for, write_atomic
 
 FORMAT = 2  # 2: sources record whether their validation split was held out of train
 MANIFEST = "manifest.json"
@@ -46,12 +46,15 @@ def tokenizer_identity(tokenizer):
     return hashlib.sha256(f"{text}|eos={tokenizer.eos_token_id}|n={len(tokenizer)}".encode()).hexdigest()[:16]
 
 
-def write_store(path, sources, tokenizer, encode, workers=None, shard_documents=SHARD_DOCUMENTS):
+def write_store(path, sources, tokenizer, encode, workers=None, shard_documents=SHARD_DOCUMENTS, part=(0, 1)):
     """Tokenize `sources` into the store at `path` (resuming its finished shards); returns the manifest.
 
     sources: [{"label", "identity" (JSON-able), "text_column", "splits": {split: datasets.Dataset}}].
     encode: texts -> token ids of each non-empty text followed by EOS (utils/data.py document_encoder).
-    workers: processes that tokenize shards side by side (default: one, whose Rust tokenizer uses every core)."""
+    workers: processes that tokenize shards side by side (default: one, whose Rust tokenizer uses every core).
+    part: (i, n): this process writes every n-th shard from the i-th, so n processes share the work (a node's
+    training processes); part 0 then waits on the filesystem (in no timed collective) for the others' shards
+    and writes the manifest; the others return None once theirs are written."""
     plan = {"format": FORMAT, "tokenizer": tokenizer_identity(tokenizer), "eos_token_id": tokenizer.eos_token_id,
             "vocab_size": len(tokenizer), "dtype": np.dtype(token_dtype(len(tokenizer))).name,
             "sources": [{"label": s["label"], "identity": s["identity"], "text_column": s["text_column"],
@@ -68,14 +71,15 @@ def write_store(path, sources, tokenizer, encode, workers=None, shard_documents=
 
     dirs = [f"{number:02d}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', source['label'])[:40]}"
             for number, source in enumerate(sources)]
-    jobs = []  # (dataset, text column, first document, end, shard path without suffix)
+    jobs, every_shard = [], []  # jobs: (dataset, text column, first document, end, shard path without suffix)
     for source, folder in zip(sources, dirs):
         for split, dataset in source["splits"].items():
             os.makedirs(os.path.join(path, folder, split), exist_ok=True)
             for k, start in enumerate(range(0, len(dataset), shard_documents)):
                 base = os.path.join(path, folder, split, f"shard-{k:05d}")
-                if not os.path.isfile(base + ".json"):
+                if len(every_shard) % part[1] == part[0] and not os.path.isfile(base + ".json"):
                     jobs.append((dataset, source["text_column"], start, min(start + shard_documents, len(dataset)), base))
+                every_shard.append(base + ".json")
     dtype = token_dtype(len(tokenizer))
     if workers and workers > 1 and len(jobs) > 1:  # fork: each worker's Rust tokenizer runs single-threaded
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
@@ -84,6 +88,9 @@ def write_store(path, sources, tokenizer, encode, workers=None, shard_documents=
     else:
         for job in jobs:
             _write_shard(*job, encode, dtype)
+    if part[0] != 0:
+        return None
+    wait_for(every_shard, "shards that this node's other processes are tokenizing")
 
     manifest = {**plan, "sources": []}
     for source, planned, folder in zip(sources, plan["sources"], dirs):
@@ -112,7 +119,8 @@ def _claim(path, plan):
     os.makedirs(path, exist_ok=True)
     plan_file = os.path.join(path, PLAN)
     if not os.path.isfile(plan_file):
-        if any(not name.startswith(PLAN) for name in os.listdir(path)):  # PLAN.tmpPID: a peer claiming it
+        names = os.listdir(path)  # PLAN.tmp...: a peer claiming it; anything else: a peer's claim done, or not a store
+        if not os.path.isfile(plan_file) and any(not name.startswith(PLAN) for name in names):
             raise UserError(f"{path} is not empty and holds no token store: choose an empty or new --data_dir")
         tmp = temporary_name(plan_file)
         with open(tmp, "w") as f:
