@@ -198,7 +198,8 @@ def load_data(args, accelerator, base_config, samples_per_step):
     if args.data_dir:  # written by prepare_data.py: memory-mapped, nothing is read or tokenized here
         tokenizer = store_tokenizer(args.data_dir, args.tokenizer_name or args.model_name_or_path)
         config = model_config(args, base_config, tokenizer)
-        blocks = open_blocks(args.data_dir, args.block_size, args.max_eval_samples, args.train_weights)
+        blocks = open_blocks(args.data_dir, args.block_size, args.max_eval_samples, args.train_weights,
+                             check=accelerator.is_main_process)  # every shard's size: one stat each, once
     else:
         sources = [load_source(s, args.validation_split_percentage, args.streaming) for s in args.sources]
         tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path, args.vocab_size, sources, accelerator,

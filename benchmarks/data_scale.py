@@ -6,7 +6,9 @@ shard (the default is about what prepare_data.py writes: 50,000 web documents). 
 fresh process, the way train.py opens data: open_blocks (manifest, one stat per shard), then
 build_dataloaders (the training order), and prints
 
-  open s      open_blocks: manifest read, every shard's size checked
+  open s      open_blocks on a process other than the main one (manifest and shard indexes mapped)
+  check s     the main process's check of every shard's size (one stat each: the only step that grows
+              with the shard count, on one process; every process checks a shard again when it maps it)
   order s     build_dataloaders: the training order (utils/mixture.py MixtureSampler)
   first s     the first training batch from the start of the run
   resume s    a resume at 90% of the first epoch: start_at + the first batch there
@@ -49,8 +51,12 @@ def parse():
 
 def simulate_store(path, blocks, sources, shard_tokens):
     """A token store of `blocks` training blocks over `sources` sources (sizes 1 : 2 : ... : n), sparse shards."""
+    import io
+
+    import numpy as np
+
     sizes = [blocks * (i + 1) // sum(range(1, sources + 1)) for i in range(sources)]
-    manifest = {"format": 2, "tokenizer": "simulated", "eos_token_id": 0, "vocab_size": 50257, "dtype": "uint16",
+    manifest = {"format": 3, "tokenizer": "simulated", "eos_token_id": 0, "vocab_size": 50257, "dtype": "uint16",
                 "shard_documents": 50_000, "content_id": "simulated", "sources": []}
     shards_written = 0
     for number, size in enumerate(sizes):
@@ -58,16 +64,18 @@ def simulate_store(path, blocks, sources, shard_tokens):
         splits = {}
         for split, tokens in (("train", size * BLOCK), ("validation", 4 * BLOCK)):
             os.makedirs(os.path.join(path, folder, split))
-            shards = []
-            for k, start in enumerate(range(0, tokens, shard_tokens)):
-                n = min(shard_tokens, tokens - start)
+            lengths = [min(shard_tokens, tokens - start) for start in range(0, tokens, shard_tokens)]
+            for k, n in enumerate(lengths):
                 with open(os.path.join(path, folder, split, f"shard-{k:05d}.bin"), "wb") as f:
                     f.truncate(n * 2)  # sparse: no disk used
-                shards.append({"name": f"shard-{k:05d}", "tokens": n, "documents": n // 1000, "sha256": f"{k:064x}"})
-            shards_written += len(shards)
-            splits[split] = {"shards": shards, "tokens": tokens, "documents": tokens // 1000}
+            buffer = io.BytesIO()
+            np.save(buffer, np.array([[n, n // 1000] for n in lengths], dtype=np.int64).reshape(-1, 2))
+            with open(os.path.join(path, folder, split, "index.npy"), "wb") as f:
+                f.write(buffer.getvalue())
+            shards_written += len(lengths)
+            splits[split] = {"shards": len(lengths), "tokens": tokens, "documents": tokens // 1000}
         manifest["sources"].append({"label": f"source{number}", "identity": {"simulated": number},
-                                    "text_column": "text", "validation": "given",
+                                    "text_column": "text", "validation": "given", "content": f"simulated{number}",
                                     "documents": {s: v["documents"] for s, v in splits.items()},
                                     "dir": folder, "splits": splits})
     with open(os.path.join(path, "manifest.json"), "w") as f:
@@ -86,13 +94,14 @@ def worker(path, sources):
     import torch  # noqa: F401  (imported before the baseline: its memory is not the data's)
 
     from utils.data import build_dataloaders, open_blocks
+    from utils.store import check_store, read_manifest
 
     base_rss, base_files = status("RssAnon"), len(os.listdir("/proc/self/fd"))
     seen = []
     weights = list(range(sources, 0, -1))  # the reverse of the sizes: small sources repeat, large ones carry over
     timed = {}
     start = time.perf_counter()
-    blocks = open_blocks(path, BLOCK, max_eval_samples=4, weights=weights if sources > 1 else None)
+    blocks = open_blocks(path, BLOCK, max_eval_samples=4, weights=weights if sources > 1 else None, check=False)
     timed["open"] = time.perf_counter() - start
     seen.append(status("RssAnon"))
     start = time.perf_counter()
@@ -116,6 +125,9 @@ def worker(path, sources):
     timed["anon_mb"] = max(seen + [status("RssAnon")]) - base_rss
     timed["files"] = len(os.listdir("/proc/self/fd")) - base_files
     timed["usable"] = order.usable
+    start = time.perf_counter()
+    check_store(path, read_manifest(path))
+    timed["check"] = time.perf_counter() - start
     print(json.dumps(timed))
 
 
@@ -125,7 +137,7 @@ def main():
         return worker(args.worker, int(os.environ["SOURCES"]))
     print(f"block {BLOCK} tokens, {SAMPLES_PER_STEP} sequences per step, {args.shard_tokens:,} tokens per shard")
     print(f"{'blocks':>8} {'src':>3} {'shards':>7} {'open s':>7} {'order s':>8} {'first s':>8} {'resume s':>9} "
-          f"{'batch ms':>8} {'anon MB':>8} {'files':>5}   ratio to 1e6: open order first resume batch anon")
+          f"{'batch ms':>8} {'anon MB':>8} {'files':>5} {'check s':>8}   ratio to 1e6: open order first resume batch anon")
     for sources in args.sources:
         reference = None
         for blocks in args.blocks:
@@ -140,7 +152,7 @@ def main():
             ratios = " ".join(f"{r[k] / max(reference[k], 1e-9):.2f}" for k in ("open", "order", "first", "resume",
                                                                                   "batch_ms", "anon_mb"))
             print(f"{blocks:8.0e} {sources:3d} {shards:7d} {r['open']:7.3f} {r['order']:8.3f} {r['first']:8.3f} "
-                  f"{r['resume']:9.3f} {r['batch_ms']:8.2f} {r['anon_mb']:8.1f} {r['files']:5d}   {ratios}", flush=True)
+                  f"{r['resume']:9.3f} {r['batch_ms']:8.2f} {r['anon_mb']:8.1f} {r['files']:5d} {r['check']:8.3f}   {ratios}", flush=True)
 
 
 if __name__ == "__main__":

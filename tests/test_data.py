@@ -49,7 +49,7 @@ def test_blocks_have_block_size_and_int64_ids(tokenizer):
 def test_packing_is_cached_and_split_too_short_is_an_error(tokenizer):
     first = pack(DOCS, tokenizer)["train"].tokens
     again = pack(DOCS, tokenizer)["train"].tokens
-    assert first.filename == again.filename  # the same memory-mapped token file, written once
+    assert first.folder == again.folder  # the same memory-mapped token store, written once
     with pytest.raises(UserError, match="fewer than one block"):
         pack(DOCS, tokenizer, block_size=100_000)
 

@@ -40,10 +40,12 @@ def test_store_layout_counts_and_boundaries(store, corpus):
     source = manifest["sources"][0]
     assert source["identity"]["path"] == str(corpus) and source["identity"]["bytes"] == os.path.getsize(corpus)
     train = source["splits"]["train"]
-    assert len(train["shards"]) > 1  # 16 documents per shard
+    assert train["shards"] > 1  # 16 documents per shard
     folder = store / source["dir"] / "train"
-    tokens = np.concatenate([np.fromfile(folder / f"{s['name']}.bin", dtype=np.uint16) for s in train["shards"]])
-    assert len(tokens) == train["tokens"]
+    index = np.load(folder / "index.npy")
+    assert index.shape == (train["shards"], 2) and index[:, 1].sum() == train["documents"]
+    tokens = np.concatenate([np.fromfile(folder / f"shard-{k:05d}.bin", dtype=np.uint16) for k in range(len(index))])
+    assert len(tokens) == train["tokens"] == index[:, 0].sum()
     ends = np.load(folder / "shard-00000.ends.npy")
     assert (tokens[ends - 1] == manifest["eos_token_id"]).all()  # every document ends with EOS
 
@@ -201,3 +203,46 @@ def test_a_nodes_processes_share_the_shards_and_wait_on_the_filesystem(tmp_path)
     assert write_store(together, sources, tokenizer, encode, shard_documents=10, part=(1, 3)) is None
     waiting.join(timeout=30)
     assert not waiting.is_alive() and first["manifest"]["content_id"] == alone["content_id"]
+
+
+def test_a_format_2_store_still_trains_the_same(store, tmp_path):
+    """Format 3 moved each split's shard list out of the manifest (index.npy): a store written before it
+    (its shards listed in manifest.json) opens as the same blocks, with the same content ids."""
+    from utils.data import open_blocks
+
+    old = tmp_path / "old"
+    subprocess.run(["cp", "-r", str(store), str(old)], check=True)
+    manifest = json.loads((old / "manifest.json").read_text())
+    for source in manifest["sources"]:
+        del source["content"]
+        for split, recorded in source["splits"].items():
+            folder = old / source["dir"] / split
+            recorded["shards"] = [{**json.loads((folder / f"shard-{k:05d}.json").read_text()), "name": f"shard-{k:05d}"}
+                                  for k in range(recorded["shards"])]
+            (folder / "index.npy").unlink()
+    (old / "manifest.json").write_text(json.dumps({**manifest, "format": 2}))
+    new, before = open_blocks(store, 8, 4), open_blocks(old, 8, 4)
+    for a, b in zip(new, before):
+        assert a["content"] == b["content"] and a["held_out_tokens"] == b["held_out_tokens"]
+        for split in ("train", "validation"):
+            assert len(a[split]) == len(b[split]) > 0
+            assert all(a[split][i]["input_ids"].tolist() == b[split][i]["input_ids"].tolist() for i in range(len(a[split])))
+    assert prepare("--data_dir", old, "--verify").returncode == 0
+
+
+def test_a_shard_cut_short_after_opening_is_refused_when_read(store, tmp_path):
+    """Only the main process stats every shard when a store is opened; every process checks a shard's
+    size again when it maps it, so a short shard is refused in one line, never read short."""
+    from utils.data import open_blocks
+    from utils.errors import UserError
+
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(store), str(copy)], check=True)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    shard = copy / manifest["sources"][0]["dir"] / "train" / "shard-00000.bin"
+    shard.write_bytes(shard.read_bytes()[:-2])
+    with pytest.raises(UserError, match="is damaged: .*shard-00000.bin has"):
+        open_blocks(copy, 8, 4)
+    train = open_blocks(copy, 8, 4, check=False)[0]["train"]
+    with pytest.raises(UserError, match="shard-00000.bin has .* bytes where its index records"):
+        [train[i] for i in range(len(train))]

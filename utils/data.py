@@ -23,8 +23,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from utils.errors import UserError
 from utils.files import CACHE_ROOT, publish, temporary_name, wait_for
 from utils.mixture import MixtureSampler, mix_streams
-from utils.store import (FORMAT, MANIFEST, check_store, clear_mapped_shards, document_boundary, join_shards, read_manifest, slice_shards,
-                         split_shards, tokenizer_identity, write_store)
+from utils.store import (FORMAT, MANIFEST, TokenView, check_store, clear_mapped_shards, join_tokens, read_manifest,
+                         source_content, split_tokens, tokenizer_identity, write_store)
 
 EOS_TOKEN = "<|endoftext|>"
 # A tokenizer trained here learns from this many documents (--tokenizer_sample_documents), spread over
@@ -185,7 +185,8 @@ def tokenize_and_pack(sources, tokenizer, block_size, accelerator, max_eval_samp
                               "prepare_data.py does it once, before the job, for any number of runs)")
         write_token_store(path, sources, tokenizer, workers, part=part)
         wait_for([path / MANIFEST], "token store manifests (written once every shard is)")
-    return open_blocks(path, block_size, max_eval_samples, [s["weight"] for s in sources])
+    return open_blocks(path, block_size, max_eval_samples, [s["weight"] for s in sources],
+                       check=accelerator.is_main_process)
 
 
 def write_token_store(path, sources, tokenizer, workers=None, **options):
@@ -194,35 +195,37 @@ def write_token_store(path, sources, tokenizer, workers=None, **options):
     return write_store(path, sources, tokenizer, document_encoder(tokenizer), workers, **options)
 
 
-def open_blocks(path, block_size, max_eval_samples=None, weights=None):
+def open_blocks(path, block_size, max_eval_samples=None, weights=None, check=True):
     """A token store's sources as blocks of `block_size` tokens over its memory-mapped shards:
     [{'label', 'identity', 'weight', 'train': PackedBlocks, 'validation': PackedBlocks, 'eval_tokens',
-    'held_out_tokens'}] in store order. weights: one per source, or None.
+    'held_out_tokens'}] in store order. weights: one per source, or None. check: stat every shard now
+    (one process is enough: every process checks a shard's size again when it maps it).
 
     Evaluation takes the first eval_blocks(max_eval_samples) blocks of each validation split. A split
     held out of train gives what evaluation does not use back to training, from the first document
     boundary after the evaluated tokens on (as --streaming does): nothing is both trained on and
     evaluated, and only the rest of the one document that evaluation cuts is neither."""
     manifest = read_manifest(path)
-    check_store(path, manifest)  # a shard cut short (an interrupted copy) would train on less, silently
+    if check:  # a shard cut short (an interrupted copy) would train on less, silently
+        check_store(path, manifest)
     clear_mapped_shards()  # a store written again at the same path in this process: no stale mappings
     sources = manifest["sources"]
     if weights is not None and len(weights) != len(sources):
         raise UserError(f"--train_weights has {len(weights)} values for the {len(sources)} sources of token store "
                         f"{path} ({', '.join(s['label'] for s in sources)}): give one weight per source")
-    dtype, wanted = np.dtype(manifest["dtype"]), eval_blocks(max_eval_samples, block_size) * block_size
+    wanted = eval_blocks(max_eval_samples, block_size) * block_size
     blocks = []
     for number, source in enumerate(sources):
-        validation, train = (split_shards(path, manifest, number, split) for split in ("validation", "train"))
+        validation, train = (split_tokens(path, manifest, number, split) for split in ("validation", "train"))
         held_out = 0
         if source["validation"] == "held_out":
-            held_out = document_boundary(path, manifest, number, "validation", wanted)
-            train = slice_shards(validation, held_out) + train  # what evaluation leaves is trained on
-        opened = {"label": source["label"], "identity": source["identity"], "content": _content_id(source),
-                  "weight": weights[number] if weights else None, "held_out_tokens": held_out,
-                  "train": PackedBlocks(join_shards(train, dtype), block_size),
-                  "validation": PackedBlocks(join_shards(slice_shards(validation, 0, wanted), dtype), block_size,
-                                             source=number)}
+            held_out = validation.document_boundary(wanted)
+            train = join_tokens([TokenView(validation, held_out, len(validation)), train])  # what evaluation leaves
+        opened = {"label": source["label"], "identity": source["identity"],
+                  "content": source_content(path, manifest, number), "weight": weights[number] if weights else None,
+                  "held_out_tokens": held_out, "train": PackedBlocks(join_tokens([train]), block_size),
+                  "validation": PackedBlocks(join_tokens([TokenView(validation, 0, min(wanted, len(validation)))]),
+                                             block_size, source=number)}
         opened["eval_tokens"] = len(opened["validation"]) * block_size
         for split in ("train", "validation"):
             if len(opened[split]) == 0 and (split == "validation" or len(sources) == 1):
@@ -230,12 +233,6 @@ def open_blocks(path, block_size, max_eval_samples=None, weights=None):
                                 f"than one block of {block_size}: give more data or a smaller --block_size")
         blocks.append(opened)
     return blocks
-
-
-def _content_id(source):
-    """What a store's source holds: a hash of its shards' sha256s (a checkpoint's resume compares it)."""
-    digests = [shard["sha256"] for split in source["splits"].values() for shard in split["shards"]]
-    return hashlib.sha256(json.dumps([source["validation"], digests]).encode()).hexdigest()[:16]
 
 
 def data_signature(blocks, tokenizer):

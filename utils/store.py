@@ -8,6 +8,9 @@ kind into its cache when it is given text instead, so both paths train on the sa
                                           each document followed by EOS
     STORE/NN-LABEL/SPLIT/shard-00000.ends.npy   where each document ends in the shard
     STORE/NN-LABEL/SPLIT/shard-00000.json       written after the two above: the shard is done
+    STORE/NN-LABEL/SPLIT/index.npy        tokens and documents of every shard (int64 [shards, 2]), written
+                                          with the manifest: readers memory-map it, so opening a store
+                                          costs the same at 30 shards and at 300,000
 
 A shard is a fixed range of documents, so an interrupted store resumes with the shards it finished.
 """
@@ -28,7 +31,9 @@ import numpy as np
 from utils.errors import UserError
 from utils.files import publish, temporary_name, wait_for, write_atomic
 
-FORMAT = 2  # 2: sources record whether their validation split was held out of train
+FORMAT = 3  # 3: each split's shards in its index.npy, not listed in the manifest; 2: sources record whether
+READS = (2, 3)  # their validation split was held out of train (a format-2 store is still read: its shards listed)
+INDEX = "index.npy"
 MANIFEST = "manifest.json"
 PLAN = "plan.json"  # what a store being written holds: a resume must be for the same sources and tokenizer
 SHARD_DOCUMENTS = 50_000  # documents per shard: the unit of resumable work
@@ -92,21 +97,41 @@ def write_store(path, sources, tokenizer, encode, workers=None, shard_documents=
         return None
     wait_for(every_shard, "shards that this node's other processes are tokenizing")
 
-    manifest = {**plan, "sources": []}
+    manifest, every_digest = {**plan, "sources": []}, []
     for source, planned, folder in zip(sources, plan["sources"], dirs):
-        splits = {}
+        splits, digests = {}, []
         for split in source["splits"]:
             split_dir = os.path.join(path, folder, split)
-            names = sorted((n for n in os.listdir(split_dir) if n.endswith(".json")), key=shard_number)
+            names = sorted((n for n in os.listdir(split_dir) if n.endswith(".json") and n.startswith("shard-")),
+                           key=shard_number)
             shards = [_read_json(os.path.join(split_dir, name)) for name in names]
-            splits[split] = {"shards": shards, "tokens": sum(s["tokens"] for s in shards),
-                             "documents": sum(s["documents"] for s in shards)}
-        manifest["sources"].append({**planned, "dir": folder, "splits": splits})
-    manifest["content_id"] = hashlib.sha256(json.dumps(
-        [plan["tokenizer"], [[s["sha256"] for split in m["splits"].values() for s in split["shards"]]
-                             for m in manifest["sources"]]]).encode()).hexdigest()[:16]
+            index = np.array([[s["tokens"], s["documents"]] for s in shards], dtype=np.int64).reshape(-1, 2)
+            buffer = io.BytesIO()
+            np.save(buffer, index)
+            write_atomic(os.path.join(split_dir, INDEX), buffer.getvalue())
+            splits[split] = {"shards": len(shards), "tokens": int(index[:, 0].sum()), "documents": int(index[:, 1].sum())}
+            digests += [s["sha256"] for s in shards]
+        manifest["sources"].append({**planned, "dir": folder, "splits": splits,
+                                    "content": content_hash(planned["validation"], digests)})
+        every_digest.append(digests)
+    manifest["content_id"] = hashlib.sha256(json.dumps([plan["tokenizer"], every_digest]).encode()).hexdigest()[:16]
     write_atomic(os.path.join(path, MANIFEST), json.dumps(manifest, indent=2))
     return manifest
+
+
+def content_hash(validation, digests):
+    """What a store's source holds (its shards' sha256s, and whether its validation was held out of train):
+    a checkpoint's resume compares it."""
+    return hashlib.sha256(json.dumps([validation, digests]).encode()).hexdigest()[:16]
+
+
+def source_content(path, manifest, source_number):
+    """content_hash of a source, as recorded (format 3) or from the shards the manifest lists (format 2)."""
+    source = manifest["sources"][source_number]
+    if "content" in source:
+        return source["content"]
+    return content_hash(source["validation"], [s["sha256"] for split in source["splits"].values()
+                                               for s in split["shards"]])
 
 
 def shard_number(name):
@@ -162,33 +187,69 @@ def read_manifest(path):
                             "flags again, which finishes it")
         raise UserError(f"{path} is not a token store (no {MANIFEST}): write one with prepare_data.py --data_dir")
     manifest = _read_json(manifest_file)
-    if manifest.get("format") != FORMAT:
-        raise UserError(f"token store {path} has format {manifest.get('format')}, this code reads {FORMAT}: "
-                        "prepare it again")
+    if manifest.get("format") not in READS:
+        raise UserError(f"token store {path} has format {manifest.get('format')}, this code reads "
+                        f"{' and '.join(map(str, READS))}: prepare it again")
     return manifest
 
 
 def check_store(path, manifest, digests=False):
-    """Every shard of the store is there with the size its manifest records (one stat per shard: cheap at
-    any scale); with `digests`, its sha256 and document ends too (reads every byte: for stores copied
-    between filesystems)."""
+    """Every shard of the store is there with the size its index records (one stat per shard: a second
+    at 100,000 shards, so train.py runs it on the main process only; every process checks each shard's size
+    again when it maps it); with `digests`, its sha256 and document ends too (reads every byte: for stores
+    copied between filesystems)."""
     itemsize = np.dtype(manifest["dtype"]).itemsize
-    for source in manifest["sources"]:
-        for split, recorded in source["splits"].items():
-            for shard in recorded["shards"]:
-                base = os.path.join(path, source["dir"], split, shard["name"])
-                expected = shard["tokens"] * itemsize
+    for number, source in enumerate(manifest["sources"]):
+        for split in source["splits"]:
+            table = shard_table(path, manifest, number, split)
+            sums = shard_digests(path, manifest, number, split) if digests else None
+            for k, tokens in enumerate(table[:, 0].tolist()):
+                name = f"{source['dir']}/{split}/shard-{k:05d}"
+                base = os.path.join(path, name)
+                expected = tokens * itemsize
                 try:
                     size = os.stat(base + ".bin").st_size
                 except OSError:
                     size = None
                 problem = ("is missing" if size is None else
-                           f"has {size:,} bytes where the manifest records {expected:,}" if size != expected else
-                           "does not match its sha256" if digests and _sha256(base + ".bin") != shard["sha256"] else
-                           f"has no {os.path.basename(base)}.ends.npy" if digests and not os.path.isfile(base + ".ends.npy")
+                           f"has {size:,} bytes where the index records {expected:,}" if size != expected else
+                           "does not match its sha256" if digests and _sha256(base + ".bin") != sums[k] else
+                           f"has no shard-{k:05d}.ends.npy" if digests and not os.path.isfile(base + ".ends.npy")
                            else None)
                 if problem:
-                    raise _damaged(path, f"{source['dir']}/{split}/{shard['name']}.bin {problem}")
+                    raise _damaged(path, f"{name}.bin {problem}")
+
+
+def shard_table(path, manifest, source_number, split):
+    """Tokens and documents of each shard of a split (int64 [shards, 2]): its index.npy memory-mapped
+    (format 3: nothing per shard in memory), or read from the manifest's shard list (format 2)."""
+    source = manifest["sources"][source_number]
+    recorded = source["splits"][split]["shards"]
+    if not isinstance(recorded, int):
+        return np.array([[s["tokens"], s["documents"]] for s in recorded], dtype=np.int64).reshape(-1, 2)
+    if recorded == 0:
+        return np.zeros((0, 2), np.int64)
+    file = os.path.join(path, source["dir"], split, INDEX)
+    try:
+        table = np.load(file, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise _damaged(path, f"{source['dir']}/{split}/{INDEX} cannot be read ({type(e).__name__})") from e
+    if table.shape != (recorded, 2):
+        raise _damaged(path, f"{source['dir']}/{split}/{INDEX} lists {table.shape[0]} shards, the manifest {recorded}")
+    return table
+
+
+def shard_digests(path, manifest, source_number, split):
+    """The sha256 of each shard of a split (format 3: from each shard's .json; reads one file per shard)."""
+    source = manifest["sources"][source_number]
+    recorded = source["splits"][split]["shards"]
+    if not isinstance(recorded, int):
+        return [s["sha256"] for s in recorded]
+    folder = os.path.join(path, source["dir"], split)
+    try:
+        return [_read_json(os.path.join(folder, f"shard-{k:05d}.json"))["sha256"] for k in range(recorded)]
+    except (OSError, ValueError, KeyError) as e:
+        raise _damaged(path, f"a shard record of {source['dir']}/{split} cannot be read ({type(e).__name__})") from e
 
 
 def _damaged(path, problem):
@@ -208,28 +269,30 @@ def _read_json(path):
         return json.load(f)
 
 
-def split_shards(path, manifest, source_number, split):
-    """The shards of one source's split, in order, each a Shard: mapped only while it is being read."""
+def split_tokens(path, manifest, source_number, split):
+    """The tokens of one source's split, its shards end to end (a ShardTable: nothing is read yet)."""
     source = manifest["sources"][source_number]
-    folder = os.path.join(path, source["dir"], split)
-    dtype = np.dtype(manifest["dtype"])
-    return [Shard(os.path.join(folder, s["name"] + ".bin"), dtype, 0, s["tokens"]) if s["tokens"]
-            else np.zeros(0, dtype) for s in source["splits"][split]["shards"]]
+    table = shard_table(path, manifest, source_number, split)
+    return ShardTable(os.path.join(path, source["dir"], split), manifest["dtype"], table[:, 0])
 
 
 OPEN_SHARDS = 64  # memory-mapped shard files per process at once: a 1T-token store has ~30,000 shards
 
 
 @functools.lru_cache(maxsize=OPEN_SHARDS)
-def _mapped(filename, dtype):
+def _mapped(filename, dtype, tokens):
     """A shard file memory-mapped, read-only (a mapping holds a file descriptor, so only the most recently
-    read OPEN_SHARDS stay open: thousands of shards stay within `ulimit -n`)."""
+    read OPEN_SHARDS stay open: thousands of shards stay within `ulimit -n`); its size is checked against
+    the `tokens` its index records (a shard cut short by a copy is refused, not read short)."""
     try:
         with open(filename, "rb") as f:
             mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read token store shard {filename} ({getattr(e, 'strerror', None) or type(e).__name__}): check the file "
-                        "and its permissions, or copy the store again") from e
+        raise UserError(f"cannot read token store shard {filename} ({getattr(e, 'strerror', None) or type(e).__name__}): "
+                        "check the file and its permissions, or copy the store again") from e
+    if len(mapping) != tokens * np.dtype(dtype).itemsize:
+        raise UserError(f"token store shard {filename} has {len(mapping):,} bytes where its index records "
+                        f"{tokens * np.dtype(dtype).itemsize:,}: copy the store again, or prepare it again")
     if hasattr(mmap, "MADV_RANDOM"):  # training reads blocks in random order: read the pages asked for, not the
         mapping.madvise(mmap.MADV_RANDOM)  # read_ahead_kb around each (often MBs: 40x slower per block, measured)
     return np.frombuffer(mapping, dtype=dtype)
@@ -239,62 +302,69 @@ def clear_mapped_shards():
     _mapped.cache_clear()
 
 
-class Shard:
-    """Tokens [start, start + length) of a shard file, read through a bounded cache of mappings."""
+class ShardTable:
+    """A split's shards read as one sequence of tokens (len, and slices with step 1), each shard mapped
+    only while it is read (through _mapped's bounded cache). Per shard it holds its end (8 bytes), not an
+    object: 300,000 shards cost 2.4 MB."""
 
-    def __init__(self, filename, dtype, start, length):
-        self.filename, self.dtype, self.start, self.length = filename, np.dtype(dtype), start, length
+    def __init__(self, folder, dtype, tokens):
+        self.folder, self.dtype = folder, np.dtype(dtype)
+        self.ends = np.cumsum(tokens, dtype=np.int64)
 
     def __len__(self):
-        return self.length
-
-    def view(self, first, end):
-        """Tokens [first, end) of this one, nothing read."""
-        return Shard(self.filename, self.dtype, self.start + first, end - first)
+        return int(self.ends[-1]) if len(self.ends) else 0
 
     def __getitem__(self, index):
         if not isinstance(index, slice) or index.step not in (None, 1):
-            raise TypeError("a Shard reads contiguous slices only")
-        first, end, _ = index.indices(self.length)
-        return _mapped(self.filename, self.dtype)[self.start + first:self.start + max(first, end)]
+            raise TypeError("a token sequence reads contiguous slices only")
+        start, stop, _ = index.indices(len(self))
+        pieces, k = [], int(np.searchsorted(self.ends, start, side="right"))
+        while start < stop:
+            first = int(self.ends[k - 1]) if k else 0
+            end = int(self.ends[k])
+            shard = _mapped(os.path.join(self.folder, f"shard-{k:05d}.bin"), self.dtype.name, end - first)
+            pieces.append(shard[start - first:min(stop, end) - first])
+            start, k = min(stop, end), k + 1
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces else np.zeros(0, self.dtype)
+
+    def document_boundary(self, position):
+        """The first document end at or after token `position` (its length if none): so tokens [0, result)
+        are whole documents. Reads one shard's document ends."""
+        if position >= len(self):
+            return len(self)
+        k = int(np.searchsorted(self.ends, position, side="left"))
+        first = int(self.ends[k - 1]) if k else 0
+        ends_file = os.path.join(self.folder, f"shard-{k:05d}.ends.npy")
+        try:
+            ends = np.load(ends_file)
+        except (OSError, ValueError) as e:
+            raise UserError(f"token store shard {ends_file} cannot be read ({type(e).__name__}): copy the store "
+                            "again, or prepare it again") from e
+        return first + int(ends[np.searchsorted(ends, position - first)])
 
 
-def join_shards(shards, dtype):
-    """Token arrays (memory-mapped shards or views of them) read as one sequence, nothing copied."""
-    shards = [s for s in shards if len(s)]
-    return shards[0] if len(shards) == 1 else ShardedTokens(shards) if shards else np.zeros(0, dtype)
+class TokenView:
+    """Tokens [first, end) of a sequence (a ShardTable), nothing read until sliced."""
+
+    def __init__(self, tokens, first, end):
+        self.tokens, self.first, self.end = tokens, first, max(first, end)
+
+    def __len__(self):
+        return self.end - self.first
+
+    def __getitem__(self, index):
+        start, stop, _ = index.indices(len(self))
+        return self.tokens[self.first + start:self.first + max(start, stop)]
 
 
-def slice_shards(shards, start, stop=None):
-    """Views of `shards` (laid end to end) that cover tokens [start, stop): nothing is read."""
-    views, offset = [], 0
-    for shard in shards:
-        first, end = max(start - offset, 0), len(shard) if stop is None else min(stop - offset, len(shard))
-        if first < end:
-            views.append(shard.view(first, end) if isinstance(shard, Shard) else shard[first:end])
-        offset += len(shard)
-    return views
-
-
-def document_boundary(path, manifest, source_number, split, position):
-    """The first document end at or after token `position` of a split (its length if none): so
-    tokens [0, result) are whole documents. Reads one shard's document ends."""
-    source = manifest["sources"][source_number]
-    start = 0
-    for shard in source["splits"][split]["shards"]:
-        if start + shard["tokens"] >= position and shard["tokens"]:
-            ends_file = os.path.join(path, source["dir"], split, shard["name"] + ".ends.npy")
-            try:
-                ends = np.load(ends_file)
-            except (OSError, ValueError) as e:
-                raise _damaged(path, f"{ends_file} cannot be read ({type(e).__name__})") from e
-            return start + int(ends[np.searchsorted(ends, position - start)])
-        start += shard["tokens"]
-    return start
+def join_tokens(parts):
+    """Token sequences (arrays, ShardTables, TokenViews) read as one; empty ones dropped, nothing copied."""
+    parts = [p for p in parts if len(p)]
+    return parts[0] if len(parts) == 1 else ShardedTokens(parts) if parts else np.zeros(0, np.uint16)
 
 
 class ShardedTokens:
-    """Several shards (Shard, or arrays) read as one sequence of tokens (len and slices with step 1)."""
+    """Several token sequences read as one sequence of tokens (len and slices with step 1)."""
 
     def __init__(self, shards):
         self.shards = shards
@@ -311,4 +381,4 @@ class ShardedTokens:
             if self.starts[k] >= stop:
                 break
             pieces.append(self.shards[k][max(start - self.starts[k], 0):stop - self.starts[k]])
-        return np.concatenate(pieces) if pieces else np.zeros(0, self.shards[0].dtype)
+        return np.concatenate(pieces) if pieces else np.zeros(0, np.uint16)
