@@ -94,26 +94,52 @@ def test_permute_is_a_keyed_bijection_computed_per_index():
 
 
 def test_an_epoch_of_several_cycles_keeps_every_prefix_and_resumes_exactly(monkeypatch):
-    monkeypatch.setattr("utils.mixture.CYCLE", 100)  # an epoch of 6 cycles, as at 6 x 2^20 blocks
+    monkeypatch.setattr("utils.mixture.CYCLE", 100)  # an epoch of 5 1/3 cycles, as at 5.3 x 2^20 blocks
     sizes, weights = [300, 170, 45], [5, 3, 1]
     sampler = MixtureSampler(sizes, weights, samples_per_step=8, seed=2)
-    assert sampler.cycle == 80 and sampler.usable == 480  # 512 in whole steps: 6 cycles of 10 steps (<= 100)
-    assert sampler.counts.tolist() == (6 * apportion(80, weights)).tolist()
+    assert sampler.cycle == 96 and sampler.usable == 512  # 515 blocks: 64 whole steps, none dropped for cycles
+    per_cycle = apportion(96, weights)
+    assert sampler.counts.tolist() == (5 * per_cycle + np.bincount(sampler.pattern[:32], minlength=3)).tolist()
     orders = [_epoch(sampler, e) for e in range(3)]
     run = np.array(sum(orders, []))
     source = np.searchsorted(np.cumsum(sizes), run, side="right")
     drawn = np.cumsum(np.eye(3, dtype=np.int64)[source], axis=0)
-    share = np.arange(1, len(run) + 1)[:, None] * apportion(80, weights)[None, :] / 80
-    assert np.abs(drawn - share).max() < 1  # every prefix of the run, across cycles and epochs
+    share = np.arange(1, 513)[:, None] * per_cycle[None, :] / 96
+    for e in range(3):  # every prefix of each epoch: within one block of the cycle's share, across its cycles
+        assert np.abs(drawn[512 * e:512 * (e + 1)] - (drawn[512 * e - 1] if e else 0) - share).max() < 1
     for i, n in enumerate(sizes):  # each source's passes: every block once before any twice
         seen = (run[source == i] - np.r_[0, np.cumsum(sizes)][i]).tolist()
         passes = [seen[k:k + n] for k in range(0, len(seen), n)]
         assert all(len(set(p)) == len(p) for p in passes)
-    assert sampler.drawn(480 + 250) == drawn[480 + 249].tolist()
-    for at in (0, 7 * 8, 80, 13 * 8, 472):
+    assert sampler.drawn(512 + 250) == drawn[512 + 249].tolist()
+    for at in (0, 7 * 8, 96, 13 * 8, 480, 504):
         sampler.set_epoch(1)
         sampler.start_at(json.loads(json.dumps(sampler.position(at))))
         assert list(sampler) == orders[1][at:], at
+
+
+def test_a_step_larger_than_a_cycle_and_a_mixture_smaller_than_a_step(monkeypatch):
+    monkeypatch.setattr("utils.mixture.CYCLE", 100)
+    sampler = MixtureSampler([300, 290], [1, 1], samples_per_step=128, seed=0)
+    assert sampler.cycle == 128 and sampler.usable == 512  # one step per cycle, nothing dropped
+    order = list(sampler)
+    assert len(set(order)) == len(order) == 512 and sampler.counts.tolist() == [256, 256]
+    assert MixtureSampler([10, 10], [1, 1], samples_per_step=64, seed=0).usable == 0  # refused by build_dataloaders
+
+
+def test_a_checkpoint_of_the_older_order_resumes_with_a_warning(monkeypatch):
+    """Order 1 counted an epoch's draws over the whole epoch; a long mixture's counts now come from its
+    cycles and differ by a block or so: that is not other data, so the resume goes on, with a warning."""
+    monkeypatch.setattr("utils.mixture.CYCLE", 100)
+    sampler = MixtureSampler([300, 170, 45], [5, 3, 1], samples_per_step=8, seed=2)
+    old = {"samples_into_epoch": 104, "epoch_complete": False,
+           "mixture": {"sizes": [300, 170, 45], "counts": apportion(512, [5, 3, 1]).tolist()}}
+    assert old["mixture"]["counts"] != sampler.counts.tolist()
+    with pytest.warns(UserWarning, match="older version of the training order"):
+        sampler.start_at(old)
+    assert len(list(sampler)) == 512 - 104
+    with pytest.raises(UserError, match="changed since this checkpoint"):
+        sampler.start_at({**old, "mixture": {**old["mixture"], "sizes": [300, 171, 45]}})
 
 
 def test_the_order_of_ten_billion_blocks_costs_what_a_million_does():

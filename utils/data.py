@@ -175,18 +175,29 @@ def tokenize_and_pack(sources, tokenizer, block_size, accelerator, max_eval_samp
         [s["text_column"], s.get("held_out"), {split: d._fingerprint for split, d in s["splits"].items()}]
         for s in sources]]).encode()).hexdigest()[:16]
     path = CACHE_ROOT / "stores" / key
-    node = accelerator.process_index - accelerator.local_process_index  # the rank of this node's first process
-    nodes = gather(torch.tensor([node], device=accelerator.device))  # accelerate's: an Accelerator or a PartialState
-    part = (accelerator.local_process_index, int((nodes == node).sum()))  # (this process, processes of this node)
+    part = node_part(accelerator)
     if not (path / MANIFEST).is_file():  # each process of a node tokenizes its part; none waits in a collective
         if part[0] == 0:
             documents = sum(len(d) for s in sources for d in s["splits"].values())
             accelerator.print(f"tokenizing {documents:,} documents into {path} ({part[1]} process(es) on each node; "
                               "prepare_data.py does it once, before the job, for any number of runs)")
-        write_token_store(path, sources, tokenizer, workers, part=part)
+        write_token_store(path, sources, tokenizer, workers and max(1, workers // part[1]), part=part)
         wait_for([path / MANIFEST], "token store manifests (written once every shard is)")
     return open_blocks(path, block_size, max_eval_samples, [s["weight"] for s in sources],
                        check=accelerator.is_main_process)
+
+
+def node_part(accelerator):
+    """(this process's index on its node, the node's processes): who tokenizes which shards. A node is the
+    processes whose ranks run from (rank - local rank) on, as torchrun and SLURM's block layout number them."""
+    node = accelerator.process_index - accelerator.local_process_index  # the rank of this node's first process
+    everyone = gather(torch.tensor([[node, accelerator.local_process_index]], device=accelerator.device)).cpu()
+    local = sorted(everyone[everyone[:, 0] == node][:, 1].tolist())  # accelerate's gather: Accelerator or PartialState
+    if local != list(range(len(local))):
+        raise UserError("the processes of a node do not have consecutive ranks (local ranks "
+                        f"{local} from rank {node}), so they cannot share tokenizing: tokenize with prepare_data.py "
+                        "and train with --data_dir")
+    return accelerator.local_process_index, len(local)
 
 
 def write_token_store(path, sources, tokenizer, workers=None, **options):

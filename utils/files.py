@@ -86,13 +86,14 @@ def _remove(path):
 
 
 def wait_for(paths, what, poll_seconds=1.0, report_seconds=300.0):
-    """Return once every file in `paths` exists: a wait on the filesystem, which no process-group timeout
-    cuts short however long the work takes (a peer that dies ends the job through its launcher)."""
-    missing, start, reported = [p for p in paths if not os.path.exists(p)], time.monotonic(), time.monotonic()
-    while missing:
-        time.sleep(poll_seconds)
-        missing = [p for p in missing if not os.path.exists(p)]
-        if missing and time.monotonic() - reported > report_seconds:
-            reported = time.monotonic()
-            print(f"waiting for {len(missing)} of {len(paths)} {what} ({reported - start:.0f} s so far)",
-                  file=sys.stderr, flush=True)
+    """Return once every file in `paths` exists, checked one at a time (one stat per poll, however many
+    there are): a wait on the filesystem, which no process-group timeout cuts short however long the work
+    takes. A peer that dies ends the job through its launcher (torchrun, srun --kill-on-bad-exit)."""
+    start = reported = time.monotonic()
+    for done, path in enumerate(paths):
+        while not os.path.exists(path):
+            time.sleep(poll_seconds)
+            if time.monotonic() - reported > report_seconds:
+                reported = time.monotonic()
+                print(f"waiting for {len(paths) - done} of {len(paths)} {what} ({reported - start:.0f} s so far)",
+                      file=sys.stderr, flush=True)

@@ -13,9 +13,9 @@ Nothing here grows with the corpus: the block at any position of the run is comp
 position alone (a keyed permutation per source pass, evaluated per index; an interleave that repeats
 every cycle of at most CYCLE positions), so memory, the time to the first batch and the time to
 resume are the same at a million blocks and at ten billion (benchmarks/data_scale.py). An epoch
-longer than CYCLE is cut into equal cycles of whole steps, each with the same per-source counts:
-weights are then rounded to whole blocks of a cycle (a share's precision is 1 / CYCLE, about 1e-6),
-and the epoch drops fewer than one step per cycle (a mixture's source goes on with them next epoch).
+longer than CYCLE is cut into cycles of CYCLE positions rounded down to whole steps, each with the
+same per-source counts (the last one cut short: every prefix of a cycle keeps the rule): weights are
+then rounded to whole blocks of a cycle (a share's precision is 1 / CYCLE, about 1e-6).
 """
 
 import warnings
@@ -25,7 +25,7 @@ from torch.utils.data import IterableDataset, Sampler
 
 from utils.errors import UserError
 
-CYCLE = 1 << 20  # mixture positions whose interleave is computed (one byte each): ~0.3-0.7 s at start
+CYCLE = 1 << 20  # mixture positions whose interleave is computed (5 bytes each): ~0.3-0.7 s at start
 CHUNK = 1 << 14  # positions turned into block indices at once while iterating
 ROUNDS = 8  # Feistel rounds of the per-source permutation
 ORDER = 2  # 2: keyed permutations, cycles (1: numpy permutations of whole passes, one interleave per epoch)
@@ -116,25 +116,34 @@ class MixtureSampler(Sampler):
         self.sizes, self.seed, self.epoch, self.skip = list(sizes), seed, 0, 0
         self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         trained = sum(n for n, w in zip(sizes, weights) if w > 0)
-        whole = trained // samples_per_step * samples_per_step
-        mixed = sum(1 for n, w in zip(sizes, weights) if w > 0 and n) > 1
-        cycles = -(-whole // CYCLE) if mixed else 1
-        self.cycle = whole // cycles // samples_per_step * samples_per_step  # positions per cycle: whole steps
-        self.usable = self.cycle * cycles
+        self.usable = trained // samples_per_step * samples_per_step
         self.steps_per_epoch = self.usable // samples_per_step
+        mixed = sum(1 for n, w in zip(sizes, weights) if w > 0 and n) > 1
+        # positions per cycle: whole steps, at most CYCLE (or one step); the epoch's last cycle may be cut short
+        self.cycle = min(self.usable, max(CYCLE // samples_per_step, 1) * samples_per_step) if mixed else self.usable
         self.per_cycle = apportion(self.cycle, weights) if self.usable else np.zeros(len(sizes), np.int64)
-        self.counts = self.per_cycle * cycles  # per epoch
-        for n, c in zip(sizes, self.counts):
-            if c and not n:
-                raise UserError("a source with a positive weight has no training block: give it more data, a "
-                                "smaller --block_size, or weight 0")
         self.pattern = self.rank = None  # one trained source: its draws are the positions themselves
         if mixed and self.usable:
             self.pattern = interleave(self.per_cycle)  # the source of each position of a cycle
             self.rank = np.empty(self.cycle, dtype=np.int32)  # that source's draws before it in the cycle
             for i, count in enumerate(self.per_cycle):
                 self.rank[self.pattern == i] = np.arange(count, dtype=np.int32)
+            self.counts = self._drawn_in_epoch(self.usable)  # per epoch
+            for label, (n, w, c) in enumerate(zip(sizes, weights, self.per_cycle)):
+                if n and w > 0 and not c:
+                    warnings.warn(f"source {label}'s weight is below one block in {self.cycle:,}: it is not drawn")
+        else:
+            self.counts = apportion(self.usable, weights) if self.usable else np.zeros(len(sizes), np.int64)
+        for n, c in zip(sizes, self.counts):
+            if c and not n:
+                raise UserError("a source with a positive weight has no training block: give it more data, a "
+                                "smaller --block_size, or weight 0")
         self.only = int(np.argmax(self.counts))
+
+    def _drawn_in_epoch(self, samples):
+        """Blocks drawn from each source in the first `samples` positions of an epoch (mixtures)."""
+        cycles, into = divmod(samples, self.cycle)
+        return cycles * self.per_cycle + np.bincount(self.pattern[:into], minlength=len(self.sizes))
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -146,23 +155,29 @@ class MixtureSampler(Sampler):
 
     def start_at(self, position):
         """Skip the samples before `position` in the next epoch iterated (exact resume, no data read)."""
-        saved = position.get("mixture")
-        if saved and saved != self.position(0)["mixture"]:
-            raise UserError(f"the training sources or their weights changed since this checkpoint (blocks per source "
-                            f"{saved['sizes']}, drawn per epoch {saved['counts']}; now {self.sizes}, "
-                            f"{self.counts.tolist()}): resume with the same data, or start a new --output_dir")
-        if position.get("order", 1) != ORDER and 0 < position["samples_into_epoch"] < self.usable:
-            warnings.warn("this checkpoint was written by an older version of the training order: the rest of its "
-                          "epoch is drawn in the new order (some of the epoch's blocks may be seen twice, others not "
-                          "at all); later epochs are whole")
-        self.skip = position["samples_into_epoch"]
+        saved, now = position.get("mixture"), self.position(0)["mixture"]
+        if position.get("order", 1) != ORDER:  # per-epoch counts were rounded differently: compare the sources
+            if saved and saved["sizes"] != now["sizes"]:
+                raise self._changed(saved)
+            if 0 < position["samples_into_epoch"] < self.usable:
+                warnings.warn("this checkpoint was written by an older version of the training order: the rest of its "
+                              "epoch is drawn in the new order (some of the epoch's blocks may be seen twice, others "
+                              "not at all); later epochs are whole")
+        elif saved and saved != now:
+            raise self._changed(saved)
+        self.skip = min(position["samples_into_epoch"], self.usable)
+
+    def _changed(self, saved):
+        return UserError(f"the training sources or their weights changed since this checkpoint (blocks per source "
+                         f"{saved['sizes']}, drawn per epoch {saved['counts']}; now {self.sizes}, "
+                         f"{self.counts.tolist()}): resume with the same data, or start a new --output_dir")
 
     def drawn(self, samples):
         """Blocks drawn from each source in the first `samples` of the run."""
         if self.pattern is None:
             return [samples if i == self.only else 0 for i in range(len(self.sizes))]
-        cycles, into = divmod(samples, self.cycle)
-        return (cycles * self.per_cycle + np.bincount(self.pattern[:into], minlength=len(self.sizes))).tolist()
+        epochs, into = divmod(samples, self.usable)
+        return (epochs * self.counts + self._drawn_in_epoch(into)).tolist()
 
     def blocks(self, first, end):
         """The block indices at positions [first, end) of the run (positions count from its first sample)."""
@@ -170,9 +185,11 @@ class MixtureSampler(Sampler):
         if self.pattern is None:
             source, draws = np.full(len(position), self.only), position
         else:
-            cycles, into = np.divmod(position, self.cycle)
+            epochs, into = np.divmod(position, self.usable)
+            cycles, into = np.divmod(into, self.cycle)
             source = self.pattern[into].astype(np.int64)
-            draws = cycles * self.per_cycle[source] + self.rank[into]  # the source's draws before this one
+            # the source's draws before this one: in earlier epochs, earlier cycles, earlier in this cycle
+            draws = epochs * self.counts[source] + cycles * self.per_cycle[source] + self.rank[into]
         sizes = np.asarray(self.sizes, dtype=np.int64)[source]
         passes, within = np.divmod(draws, sizes)
         out = np.empty(len(position), dtype=np.int64)

@@ -151,7 +151,11 @@ def _claim(path, plan):
         with open(tmp, "w") as f:
             json.dump(plan, f, indent=2)
         publish(tmp, plan_file, keep_existing=True)  # several nodes may claim a shared cache at once
-    if _read_json(plan_file) != json.loads(json.dumps(plan)):
+    claimed = _read_json(plan_file)
+    if claimed.get("format") != plan["format"]:
+        raise UserError(f"{path} holds a store of format {claimed.get('format')} (train.py --data_dir still reads a "
+                        f"finished one); this code writes format {plan['format']}: write it to a new --data_dir")
+    if claimed != json.loads(json.dumps(plan)):
         raise UserError(f"{path} holds a store of other sources or another tokenizer: choose an empty "
                         "--data_dir, or delete that one")
 
@@ -203,8 +207,10 @@ def check_store(path, manifest, digests=False):
         for split in source["splits"]:
             table = shard_table(path, manifest, number, split)
             sums = shard_digests(path, manifest, number, split) if digests else None
+            names = shard_names(manifest, number, split)
             for k, tokens in enumerate(table[:, 0].tolist()):
-                name = f"{source['dir']}/{split}/shard-{k:05d}"
+                shard = names[k] if names else f"shard-{k:05d}"
+                name = f"{source['dir']}/{split}/{shard}"
                 base = os.path.join(path, name)
                 expected = tokens * itemsize
                 try:
@@ -214,7 +220,7 @@ def check_store(path, manifest, digests=False):
                 problem = ("is missing" if size is None else
                            f"has {size:,} bytes where the index records {expected:,}" if size != expected else
                            "does not match its sha256" if digests and _sha256(base + ".bin") != sums[k] else
-                           f"has no shard-{k:05d}.ends.npy" if digests and not os.path.isfile(base + ".ends.npy")
+                           f"has no {shard}.ends.npy" if digests and not os.path.isfile(base + ".ends.npy")
                            else None)
                 if problem:
                     raise _damaged(path, f"{name}.bin {problem}")
@@ -273,7 +279,15 @@ def split_tokens(path, manifest, source_number, split):
     """The tokens of one source's split, its shards end to end (a ShardTable: nothing is read yet)."""
     source = manifest["sources"][source_number]
     table = shard_table(path, manifest, source_number, split)
-    return ShardTable(os.path.join(path, source["dir"], split), manifest["dtype"], table[:, 0])
+    return ShardTable(os.path.join(path, source["dir"], split), manifest["dtype"], table[:, 0],
+                      shard_names(manifest, source_number, split))
+
+
+def shard_names(manifest, source_number, split):
+    """The shards' file names in a format-2 manifest's order (which listed them by name: past shard-99999
+    not by number); None for format 3 (shard-k is the k-th)."""
+    recorded = manifest["sources"][source_number]["splits"][split]["shards"]
+    return None if isinstance(recorded, int) else [s["name"] for s in recorded]
 
 
 OPEN_SHARDS = 64  # memory-mapped shard files per process at once: a 1T-token store has ~30,000 shards
@@ -284,6 +298,8 @@ def _mapped(filename, dtype, tokens):
     """A shard file memory-mapped, read-only (a mapping holds a file descriptor, so only the most recently
     read OPEN_SHARDS stay open: thousands of shards stay within `ulimit -n`); its size is checked against
     the `tokens` its index records (a shard cut short by a copy is refused, not read short)."""
+    if tokens == 0:  # a shard of empty documents only: nothing to map (an empty file cannot be)
+        return np.zeros(0, dtype)
     try:
         with open(filename, "rb") as f:
             mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -307,9 +323,12 @@ class ShardTable:
     only while it is read (through _mapped's bounded cache). Per shard it holds its end (8 bytes), not an
     object: 300,000 shards cost 2.4 MB."""
 
-    def __init__(self, folder, dtype, tokens):
-        self.folder, self.dtype = folder, np.dtype(dtype)
+    def __init__(self, folder, dtype, tokens, names=None):
+        self.folder, self.dtype, self.names = folder, np.dtype(dtype), names
         self.ends = np.cumsum(tokens, dtype=np.int64)
+
+    def name(self, k):
+        return self.names[k] if self.names else f"shard-{k:05d}"
 
     def __len__(self):
         return int(self.ends[-1]) if len(self.ends) else 0
@@ -322,7 +341,7 @@ class ShardTable:
         while start < stop:
             first = int(self.ends[k - 1]) if k else 0
             end = int(self.ends[k])
-            shard = _mapped(os.path.join(self.folder, f"shard-{k:05d}.bin"), self.dtype.name, end - first)
+            shard = _mapped(os.path.join(self.folder, self.name(k) + ".bin"), self.dtype.name, end - first)
             pieces.append(shard[start - first:min(stop, end) - first])
             start, k = min(stop, end), k + 1
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces else np.zeros(0, self.dtype)
@@ -334,7 +353,7 @@ class ShardTable:
             return len(self)
         k = int(np.searchsorted(self.ends, position, side="left"))
         first = int(self.ends[k - 1]) if k else 0
-        ends_file = os.path.join(self.folder, f"shard-{k:05d}.ends.npy")
+        ends_file = os.path.join(self.folder, self.name(k) + ".ends.npy")
         try:
             ends = np.load(ends_file)
         except (OSError, ValueError) as e:
