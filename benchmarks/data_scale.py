@@ -69,7 +69,8 @@ def simulate_store(path, blocks, sources, shard_tokens):
                 with open(os.path.join(path, folder, split, f"shard-{k:05d}.bin"), "wb") as f:
                     f.truncate(n * 2)  # sparse: no disk used
             buffer = io.BytesIO()
-            np.save(buffer, np.array([[n, n // 1000] for n in lengths], dtype=np.int64).reshape(-1, 2))
+            n = np.array(lengths, dtype=np.int64)
+            np.save(buffer, np.stack([n, n // 1000, np.cumsum(n)], axis=1).reshape(-1, 3))
             with open(os.path.join(path, folder, split, "index.npy"), "wb") as f:
                 f.write(buffer.getvalue())
             shards_written += len(lengths)

@@ -43,7 +43,8 @@ def test_store_layout_counts_and_boundaries(store, corpus):
     assert train["shards"] > 1  # 16 documents per shard
     folder = store / source["dir"] / "train"
     index = np.load(folder / "index.npy")
-    assert index.shape == (train["shards"], 2) and index[:, 1].sum() == train["documents"]
+    assert index.shape == (train["shards"], 3) and index[:, 1].sum() == train["documents"]
+    assert index[:, 2].tolist() == np.cumsum(index[:, 0]).tolist()
     tokens = np.concatenate([np.fromfile(folder / f"shard-{k:05d}.bin", dtype=np.uint16) for k in range(len(index))])
     assert len(tokens) == train["tokens"] == index[:, 0].sum()
     ends = np.load(folder / "shard-00000.ends.npy")
