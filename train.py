@@ -13,7 +13,6 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
 from tqdm.auto import tqdm
@@ -27,6 +26,7 @@ from utils.faults import EXIT_PREEMPTED, NonFiniteGuard, StopSignal
 from utils.files import write_atomic
 from utils.generate import generate
 from utils.hub import push_to_hub, set_generation_ids, write_model_card
+from utils.loss import token_losses
 from utils.metrics import TrainingMetrics, device_peak_flops, perplexity, tracker_init_kwargs, trackers
 from utils.model import build_model, load_base_config, model_config, parameter_count, training_flops_per_token
 from utils.optim import build_optimizer, build_scheduler
@@ -46,8 +46,8 @@ def evaluate(model, eval_dataloader, accelerator, source_names):
         source = batch.pop("source")  # which source each block is from
         labels = batch.pop("labels")[:, 1:]  # token t+1 is predicted at position t
         logits = model(**batch, use_cache=False).logits
-        token_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), reduction="none")
-        sums.append(accelerator.gather_for_metrics(token_loss.view(labels.shape).sum(dim=1)))
+        token_loss = token_losses(logits[:, :-1], labels)  # fp32 a slice at a time, not the whole batch's logits
+        sums.append(accelerator.gather_for_metrics(token_loss.sum(dim=1)))
         counts.append(accelerator.gather_for_metrics((labels != IGNORE_INDEX).sum(dim=1)))
         sources.append(accelerator.gather_for_metrics(source))
     model.train()

@@ -80,7 +80,8 @@ def build_parser():
     # Optimization
     add("--per_device_train_batch_size", type=int, default=16,
         help="sequences per process per forward pass (the micro-batch)")
-    add("--per_device_eval_batch_size", type=int, default=16, help="sequences per process per evaluation forward pass")
+    add("--per_device_eval_batch_size", type=int, default=None,
+        help="sequences per process per evaluation forward pass (default: the training micro-batch, which fits)")
     add("--gradient_accumulation_steps", type=int, default=1,
         help="micro-batches per optimizer step (or let --global_batch_size derive it)")
     add("--global_batch_size", type=int, default=None,
@@ -178,6 +179,8 @@ def load_recipe(path, parser):
 
 def validate(args, writes_store=False):
     """Cheap checks that must fail before any model or data is loaded."""
+    if args.per_device_eval_batch_size is None:  # what fits in training fits in evaluation (no gradients)
+        args.per_device_eval_batch_size = args.per_device_train_batch_size
     for flag in ("block_size", "per_device_train_batch_size", "per_device_eval_batch_size", "tokenizer_sample_documents",
                  "gradient_accumulation_steps", "logging_steps", "num_train_epochs"):
         if getattr(args, flag) < 1:

@@ -22,6 +22,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from utils.errors import UserError
 from utils.files import CACHE_ROOT, publish, temporary_name, wait_for
+from utils.loss import IGNORE_INDEX
 from utils.mixture import MixtureSampler, mix_streams
 from utils.store import (FORMAT, MANIFEST, TokenView, check_store, clear_mapped_shards, join_tokens, read_manifest,
                          source_content, split_tokens, tokenizer_identity, write_store)
@@ -32,7 +33,6 @@ EOS_TOKEN = "<|endoftext|>"
 # cost about 20 s, on each node's main process, whatever the corpus size.
 TOKENIZER_SAMPLE_DOCUMENTS = 50_000
 TOKENIZER_SAMPLE_CHARS = 8_192  # of each sampled document: 50,000 books stay ~400 MB (~50 s), not 20 GB
-IGNORE_INDEX = -100  # a label the loss leaves out (transformers' and torch's convention)
 # What one evaluation reads per source unless --max_eval_samples says otherwise: a fixed token budget
 # (Megatron's eval_iters idea), about 1/3 of a training step's compute at a 1M-token global batch.
 DEFAULT_EVAL_TOKENS = 1 << 20

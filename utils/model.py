@@ -14,6 +14,7 @@ from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_p
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from utils.errors import UserError
+from utils.loss import causal_lm_loss
 
 # Llama-style sizes (SwiGLU, RMSNorm, rotary, grouped-query attention). Parameter counts are for a
 # 32k vocabulary (tiny/small use the trained 4k one).
@@ -106,6 +107,7 @@ def build_model(config, pretrained=None, seed=0, gradient_checkpointing=False, a
         initialize_by_name(model, seed)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.loss_function = causal_lm_loss  # the same loss, its fp32 logits a slice at a time (utils/loss.py)
     if attention not in PACKED_POSITIONS_AT_ANY_BATCH:  # flash attention, and kernels like it
         model.register_forward_pre_hook(_packed_documents_for_flash, with_kwargs=True)
     return model
