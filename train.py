@@ -45,7 +45,8 @@ def evaluate(model, eval_dataloader, accelerator, source_names):
     for batch in eval_dataloader:
         source = batch.pop("source")  # which source each block is from
         labels = batch.pop("labels")[:, 1:]  # token t+1 is predicted at position t
-        logits = model(**batch, use_cache=False).logits
+        with accelerator.autocast():
+            logits = model(**batch, use_cache=False).logits
         token_loss = token_losses(logits[:, :-1], labels)  # fp32 a slice at a time, not the whole batch's logits
         sums.append(accelerator.gather_for_metrics(token_loss.sum(dim=1)))
         counts.append(accelerator.gather_for_metrics((labels != IGNORE_INDEX).sum(dim=1)))
@@ -97,6 +98,9 @@ def main(argv=None):
     checkpointer.before_prepare(accelerator)  # another process count under DeepSpeed: its universal format
     model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader)
+    # accelerate's mixed precision also copies every output to fp32, the whole batch's logits included:
+    # take its wrapper off and autocast the forward passes here (the loss upcasts a slice at a time)
+    accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     lr_scheduler = build_scheduler(optimizer, args.lr_scheduler_type, args.num_warmup_steps, max_steps, args.min_lr_ratio)
     accelerator.register_for_checkpointing(lr_scheduler)
     accelerator.print(f"model: {n_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs/token | "
@@ -134,7 +138,8 @@ def main(argv=None):
             predicted = accelerator.reduce(sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in micro_batches))
             for batch in micro_batches:
                 with accelerator.accumulate(model):  # input_ids, labels (and position_ids: document masking)
-                    loss = model(**batch, use_cache=False, num_items_in_batch=predicted).loss  # summed / predicted
+                    with accelerator.autocast():  # the config's mixed precision (none: a no-op; DeepSpeed: its own)
+                        loss = model(**batch, use_cache=False, num_items_in_batch=predicted).loss  # summed / predicted
                     accelerator.backward(loss * averaged_over)  # undo the means over micro-batches and processes
                     if accelerator.sync_gradients:  # the step's last micro-batch; clip to inf = just measure the norm
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)

@@ -80,3 +80,49 @@ def test_models_use_the_sliced_loss():
     model = build_model(LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                     num_attention_heads=2, num_key_value_heads=2))
     assert model.loss_function is causal_lm_loss
+
+
+def test_each_slice_is_recomputed_in_backward_not_kept(monkeypatch):
+    """A slice's fp32 logits and log-softmax live only while it is computed: forward computes each slice
+    once and keeps nothing of it; backward computes each again (checkpointing)."""
+    import utils.loss
+
+    calls = []
+    original = utils.loss._summed_cross_entropy
+    monkeypatch.setattr(utils.loss, "_summed_cross_entropy", lambda *a: calls.append(1) or original(*a))
+    logits, labels = batch(torch.bfloat16)
+    value = causal_lm_loss(logits, labels, VOCAB, chunk_elements=8 * VOCAB)
+    slices = -(-logits.shape[0] * logits.shape[1] // 8)
+    assert len(calls) == slices
+    value.backward()
+    assert len(calls) == 2 * slices
+
+
+def test_mixed_precision_keeps_the_logits_in_bf16(tmp_path):
+    """accelerate's mixed precision wraps the forward so that every output comes back in fp32 (the whole
+    batch's logits, copied); train.py takes the wrapper off and autocasts the forward itself: the logits
+    stay in bf16 and the loss is the same."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from accelerate import Accelerator
+from transformers import LlamaConfig
+from utils.model import build_model
+accelerator = Accelerator(mixed_precision="bf16", cpu=True)
+model = accelerator.prepare(build_model(LlamaConfig(vocab_size=500, hidden_size=32, intermediate_size=64,
+                                                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)))
+ids = torch.randint(0, 500, (2, 16), generator=torch.Generator().manual_seed(0))
+wrapped = model(input_ids=ids, labels=ids)
+accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # as train.py does after prepare
+with accelerator.autocast():
+    ours = model(input_ids=ids, labels=ids)
+print(wrapped.logits.dtype, ours.logits.dtype, wrapped.loss.item() == ours.loss.item())
+"""
+    done = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["torch.float32", "torch.bfloat16", "True"]

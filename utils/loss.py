@@ -35,8 +35,9 @@ def causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_i
     if len(logits) <= rows:
         total = _summed_cross_entropy(logits, shift_labels, ignore_index)
     else:  # each slice's fp32 logits and log-softmax are recomputed in backward, not kept; split (not indexing):
-        total = sum(checkpoint(_summed_cross_entropy, part, targets, ignore_index, use_reentrant=False)  # backward
-                    for part, targets in zip(logits.split(rows), shift_labels.split(rows)))  # joins the slices once
+        total = sum(checkpoint(_summed_cross_entropy, part, targets, ignore_index, use_reentrant=False,  # backward
+                               preserve_rng_state=False)
+                    for part, targets in zip(logits.split(rows), shift_labels.split(rows)))  # joins slices once
     if num_items_in_batch is None:  # a mean over the predicted tokens, as transformers' default
         return total / (shift_labels != ignore_index).sum()
     if torch.is_tensor(num_items_in_batch):
