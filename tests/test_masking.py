@@ -1,5 +1,6 @@
 """--document_masking: inside a packed block every document is computed as if it ran alone."""
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -68,8 +69,9 @@ def test_masked_block_loss_equals_its_documents_run_one_by_one(config, attention
     unmasked = Collate()([{"input_ids": b} for b in blocks])
     assert model(**unmasked).loss.item() != pytest.approx(packed_sum.item() / predicted, rel=1e-3)  # it matters
 
-    class Accelerator:  # evaluation's only use of it: gathering across processes (one here)
+    class Accelerator:  # evaluation's only uses of it: mixed precision (none here), gathering across processes
         gather_for_metrics = staticmethod(lambda x: x)
+        autocast = staticmethod(contextlib.nullcontext)
 
     loader = [Collate(document_masking_eos=EOS)([{"input_ids": b, "source": 0}]) for b in blocks]
     loss, by_source = evaluate(model, loader, Accelerator(), ["data"])
