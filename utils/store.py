@@ -82,7 +82,7 @@ def write_store(path, sources, tokenizer, encode, workers=None, shard_documents=
         for split, dataset in source["splits"].items():
             os.makedirs(os.path.join(path, folder, split), exist_ok=True)
             for k, start in enumerate(range(0, len(dataset), shard_documents)):
-                base = os.path.join(path, folder, split, f"shard-{k:05d}")
+                base = os.path.join(path, folder, split, shard_name(k))
                 if len(every_shard) % part[1] == part[0] and not os.path.isfile(base + ".json"):
                     jobs.append((dataset, source["text_column"], start, min(start + shard_documents, len(dataset)), base))
                 every_shard.append(base + ".json")
@@ -107,9 +107,7 @@ def write_store(path, sources, tokenizer, encode, workers=None, shard_documents=
                            key=shard_number)
             shards = [_read_json(os.path.join(split_dir, name)) for name in names]
             index = _index([s["tokens"] for s in shards], [s["documents"] for s in shards])
-            buffer = io.BytesIO()
-            np.save(buffer, index)
-            write_atomic(os.path.join(split_dir, INDEX), buffer.getvalue())
+            _save_npy(os.path.join(split_dir, INDEX), index)
             splits[split] = {"shards": len(shards), "tokens": int(index[:, 0].sum()), "documents": int(index[:, 1].sum())}
             digests += [s["sha256"] for s in shards]
         manifest["sources"].append({**planned, "dir": folder, "splits": splits,
@@ -133,6 +131,18 @@ def source_content(path, manifest, source_number):
         return source["content"]
     return content_hash(source["validation"], [s["sha256"] for split in source["splits"].values()
                                                for s in split["shards"]])
+
+
+def shard_name(k, names=None):
+    """The file name (no suffix) of a split's k-th shard: shard-k, or what a format-2 manifest listed."""
+    return names[k] if names else f"shard-{k:05d}"
+
+
+def _save_npy(path, array):
+    """An .npy file written in one step (utils/files.py write_atomic)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    write_atomic(path, buffer.getvalue())
 
 
 def shard_number(name):
@@ -177,9 +187,7 @@ def _write_shard(dataset, text_column, start, end, base, encode, dtype):
             f.write(data)
     publish(tmp, base + ".bin")
     ends = np.concatenate(ends) if ends else np.zeros(0, np.int64)
-    buffer = io.BytesIO()
-    np.save(buffer, ends)
-    write_atomic(base + ".ends.npy", buffer.getvalue())
+    _save_npy(base + ".ends.npy", ends)
     write_atomic(base + ".json", json.dumps({"name": os.path.basename(base), "tokens": total,
                                              "documents": len(ends), "sha256": digest.hexdigest()}))
 
@@ -210,7 +218,7 @@ def check_store(path, manifest, digests=False):
             sums = shard_digests(path, manifest, number, split) if digests else None
             names = shard_names(manifest, number, split)
             for k, tokens in enumerate(table[:, 0].tolist()):
-                shard = names[k] if names else f"shard-{k:05d}"
+                shard = shard_name(k, names)
                 name = f"{source['dir']}/{split}/{shard}"
                 base = os.path.join(path, name)
                 expected = tokens * itemsize
@@ -260,7 +268,7 @@ def shard_digests(path, manifest, source_number, split):
         return [s["sha256"] for s in recorded]
     folder = os.path.join(path, source["dir"], split)
     try:
-        return [_read_json(os.path.join(folder, f"shard-{k:05d}.json"))["sha256"] for k in range(recorded)]
+        return [_read_json(os.path.join(folder, shard_name(k) + ".json"))["sha256"] for k in range(recorded)]
     except (OSError, ValueError, KeyError) as e:
         raise _damaged(path, f"a shard record of {source['dir']}/{split} cannot be read ({type(e).__name__})") from e
 
@@ -334,7 +342,7 @@ class ShardTable:
         self.folder, self.dtype, self.names, self.ends = folder, np.dtype(dtype), names, ends
 
     def name(self, k):
-        return self.names[k] if self.names else f"shard-{k:05d}"
+        return shard_name(k, self.names)
 
     def __len__(self):
         return int(self.ends[-1]) if len(self.ends) else 0
