@@ -132,8 +132,8 @@ class MixtureSampler(Sampler):
             for label, (n, w, c) in enumerate(zip(sizes, weights, self.per_cycle)):
                 if n and w > 0 and not c:
                     warnings.warn(f"source {label}'s weight is below one block in {self.cycle:,}: it is not drawn")
-        else:
-            self.counts = apportion(self.usable, weights) if self.usable else np.zeros(len(sizes), np.int64)
+        else:  # one trained source (or no step): a single cycle, the whole epoch
+            self.counts = self.per_cycle
         for n, c in zip(sizes, self.counts):
             if c and not n:
                 raise UserError("a source with a positive weight has no training block: give it more data, a "
