@@ -33,7 +33,7 @@ from utils.optim import build_optimizer, build_scheduler
 from utils.distributed import preflight
 from utils.report import sources_text, write_report
 from utils.sources import load_source
-from utils.stream import stream_blocks
+from utils.stream import stream_blocks, stream_readers
 
 
 @torch.no_grad()
@@ -79,8 +79,8 @@ def main(argv=None):
     samples_per_step = plan.samples_per_step(accelerator)
 
     # ---- Data: load, tokenize once (cached), pack into blocks ----
-    tokenizer, config, blocks, train_dataloader, eval_dataloader, train_order = load_data(args, accelerator, base_config,
-                                                                                          samples_per_step)
+    tokenizer, config, blocks, train_dataloader, eval_dataloader, train_order = load_data(
+        args, accelerator, base_config, samples_per_step, checkpointer.resumed_data_position)
     checkpointer.check_data(data_signature(blocks, tokenizer))  # a resume continues on the same data and tokenizer
     if accelerator.is_main_process:  # only now: bad data leaves --output_dir as it was
         os.makedirs(args.output_dir, exist_ok=True)
@@ -197,9 +197,14 @@ def setup(args):
     return accelerator, plan, checkpointer, base_config
 
 
-def load_data(args, accelerator, base_config, samples_per_step):
+def load_data(args, accelerator, base_config, samples_per_step, resumed_position=None):
     """(tokenizer, the model config that embeds it, blocks per source, train loader, validation loader,
     the TrainOrder)."""
+    stream_reads = None
+    if args.streaming:  # each source in parts; this process reads `stream_reads` of them (all: it dispatches)
+        args.stream_readers, stream_reads = stream_readers(args.stream_readers, resumed_position,
+                                                           accelerator.num_processes, accelerator.process_index,
+                                                           samples_per_step)
     if args.data_dir:  # written by prepare_data.py: memory-mapped, nothing is read or tokenized here
         tokenizer = store_tokenizer(args.data_dir, args.tokenizer_name or args.model_name_or_path)
         config = model_config(args, base_config, tokenizer)
@@ -212,21 +217,24 @@ def load_data(args, accelerator, base_config, samples_per_step):
         config = model_config(args, base_config, tokenizer)  # a tokenizer the model cannot embed fails before tokenizing
         if args.streaming:  # tokenized and packed on the fly while training; only validation blocks are made now
             blocks = stream_blocks(sources, tokenizer, args.block_size, args.stream_shuffle_blocks, args.seed,
-                                   args.max_eval_samples, args.validation_split_percentage)
+                                   args.max_eval_samples, args.validation_split_percentage, args.stream_readers)
         else:  # tokenized once into a token store in the cache, like prepare_data.py's
             blocks = tokenize_and_pack(sources, tokenizer, args.block_size, accelerator, args.max_eval_samples,
                                        args.preprocessing_num_workers)
     loaders = build_dataloaders(blocks, samples_per_step, args.per_device_train_batch_size,
                                 args.per_device_eval_batch_size, args.seed, args.dataloader_num_workers,
-                                document_masking_eos=tokenizer.eos_token_id if args.document_masking else None)
+                                document_masking_eos=tokenizer.eos_token_id if args.document_masking else None,
+                                stream_reads=stream_reads, device=accelerator.device)
     return tokenizer, config, blocks, *loaders
 
 
 def describe_data(blocks, train_order, block_size):
     """'N train blocks (S steps/epoch), V validation blocks of B', and the sources of a mixture."""
     validation = sum(len(b["validation"]) for b in blocks)
-    if train_order.steps_per_epoch is None:
-        train = "streamed"
+    if train_order.steps_per_epoch is None:  # streams, each source in parts
+        parts = len(blocks[0]["train"])
+        train = f"streamed in {parts} part{'s' if parts > 1 else ''}, " + (
+            "each process reading its own" if train_order.each_process_reads else "read on the main process")
     else:
         train = f"{sum(len(b['train']) for b in blocks)} train blocks ({train_order.steps_per_epoch} steps/epoch)"
     if len(blocks) > 1:

@@ -96,7 +96,7 @@ def test_held_out_text_beyond_what_is_evaluated_is_trained_on_the_same_on_every_
     from utils.config import parse_args
     from utils.data import document_encoder
     from utils.sources import load_source
-    from utils.stream import hold_out_validation
+    from utils.stream import hold_out_validation, split_stream
 
     args = parse_args(["--train_file", str(corpus), "--output_dir", str(tmp_path)])
     source = load_source(args.sources[0], validation_split_percentage=50)
@@ -117,8 +117,9 @@ def test_held_out_text_beyond_what_is_evaluated_is_trained_on_the_same_on_every_
             assert blocks["held_out_tokens"] == ends[last] and len(evaluated) == ends[last] // 16 * 16
             assert trained.tolist() == every[ends[last]:].tolist()
         stream = load_source(args.sources[0], streaming=True)["splits"]  # --streaming holds out the same documents
-        validation, train, held_out = hold_out_validation(stream, "text", document_encoder(tokenizer), 16,
-                                                          max_eval_samples, validation_split_percentage=50)
+        validation, held_documents, held_out = hold_out_validation(stream, "text", document_encoder(tokenizer), 16,
+                                                                   max_eval_samples, validation_split_percentage=50)
+        train = split_stream(stream["train"], 1, held_documents)[0]
         assert held_out == blocks["held_out_tokens"] and next(iter(train))["text"] == docs[last + 1]
         assert len(validation) == len(blocks["validation"])
         assert validation.tokens[:len(evaluated)].tolist() == evaluated.tolist()

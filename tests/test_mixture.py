@@ -18,7 +18,7 @@ from utils.data import document_encoder, load_tokenizer
 from utils.errors import UserError
 from utils.mixture import MixedStreams, MixtureSampler, apportion, interleave, pass_key, permute
 from utils.sources import in_memory_source
-from utils.stream import StreamedBlocks
+from utils.stream import StreamedBlocks, split_stream
 
 
 # --- The order, in-process -------------------------------------------------------------------
@@ -170,15 +170,20 @@ def encode():
     return document_encoder(load_tokenizer(None, 300, [in_memory_source({"train": texts})], PartialState()))
 
 
-def stream(texts, encode, window=4):
+def stream(texts, encode, window=4, readers=1):
+    """The texts as a stream of 2 shards, in `readers` parts (utils/stream.py split_stream)."""
     source = Dataset.from_dict({"text": texts}).to_iterable_dataset(num_shards=2)
-    return StreamedBlocks(source, "text", encode, 8, window, seed=3)
+    return [StreamedBlocks(part, "text", encode, 8, window, seed=3, part=l)
+            for l, part in enumerate(split_stream(source, readers))]
 
 
-def mixed(encode, weights=(1, 3)):
-    big = [f"document {i} " + "word " * (i % 13) for i in range(400)]
-    small = [f"short {i} text" for i in range(30)]  # a few blocks: it runs out and starts its next pass
-    return MixedStreams([stream(big, encode), stream(small, encode)], list(weights)).cut_to_steps(4)
+BIG = [f"document {i} " + "word " * (i % 13) for i in range(400)]
+SMALL = [f"short {i} text" for i in range(30)]  # a few blocks: it runs out and starts its next pass
+
+
+def mixed(encode, weights=(1, 3), readers=1, reads=None):
+    return MixedStreams([stream(BIG, encode, readers=readers), stream(SMALL, encode, readers=readers)],
+                        list(weights), reads).cut_to_steps(4)
 
 
 def take(dataset, n):
@@ -201,12 +206,61 @@ def test_mixed_streams_draw_by_weight_repeat_a_short_stream_and_resume_exactly(e
             break
     drawn = mixture.drawn(200)
     assert abs(drawn[1] - 150) < 1 and sum(drawn) == 200  # streams: no epoch rounding (module docstring)
-    assert mixture.anchors[50]["passes"][1] >= 1  # the short stream was read more than once
+    assert mixture.anchors[50]["parts"][0]["passes"][1] >= 1  # the short stream was read more than once
     for at, (position, drawn) in positions.items():
         again = mixed(encode)
         again.start_at(position)
         assert again.drawn(at) == drawn  # known before reading again (a run resumed at its end)
         assert take(again, 200 - at) == blocks[at:], at
+
+
+def take_and_save(dataset, n, at, samples):
+    """n blocks, and the position (as a checkpoint has it) after the first `at`, `samples` into the run."""
+    out, position = [], None
+    for block in dataset:
+        out.append(tuple(block["input_ids"].tolist()))
+        if len(out) == at:
+            position = json.loads(json.dumps(dataset.position(samples)))
+        if len(out) == n:
+            return out, position
+
+
+@pytest.mark.parametrize("weights", [(1, 3), (1, 0)])
+def test_streams_in_parts_give_each_process_its_run_of_each_step_and_resume_on_any_split(encode, weights):
+    """Each step's 4 blocks: 2 from part 0, 2 from part 1 (2 shards in 2 parts: a shard each), the
+    sources drawn by the one rule over the whole step; each process reads only its part, and a
+    checkpoint merges both processes' positions into one that any process count resumes."""
+    one = mixed(encode, weights, readers=2)
+    blocks, saved = take_and_save(one, 200, at=100, samples=100)
+    by_process = [mixed(encode, weights, readers=2, reads=[r]) for r in (0, 1)]
+    (first, position_0), (second_half, position_1) = [take_and_save(m, 100, at=50, samples=100) for m in by_process]
+    halves = [first, second_half]
+    assert not by_process[0].each_process_reads is one.each_process_reads is False
+    for k in range(50):  # step k: part 0's run, then part 1's
+        assert blocks[4 * k:4 * k + 4] == halves[0][2 * k:2 * k + 2] + halves[1][2 * k:2 * k + 2]
+    assert one.drawn(200) == by_process[0].drawn(200) == by_process[1].drawn(200)
+    if weights[1]:
+        assert one.anchors[50]["parts"][1]["passes"][1] >= 1  # the short source's part 1 ran out and passed again
+    merged = MixedStreams.merge([position_0, position_1])
+    assert merged == saved  # what one reader of both parts saves
+    again = mixed(encode, weights, readers=2)
+    again.start_at(merged)
+    assert take(again, 100) == blocks[100:]
+    second = mixed(encode, weights, readers=2, reads=[1])
+    second.start_at(merged)
+    assert take(second, 50) == halves[1][50:]
+    with pytest.raises(UserError, match="read in 2 parts"):
+        mixed(encode, weights, readers=1).start_at(merged)
+
+
+def test_a_checkpoint_of_mixed_streams_before_parts_resumes_as_one_part(encode):
+    blocks, position = take_and_save(mixed(encode), 120, at=80, samples=80)
+    part = position.pop("parts")[0]
+    del position["readers"]
+    older = {**position, **part}  # the format before --stream_readers
+    again = mixed(encode)
+    again.start_at(older)
+    assert take(again, 40) == blocks[80:]
 
 
 # --- Real launches ---------------------------------------------------------------------------
@@ -347,6 +401,26 @@ def test_streamed_mixture_trains_by_weight_and_resumes_exactly(corpus, small_sou
     more_eval = [*args[:args.index("--max_eval_samples")], "--max_eval_samples", 6, *args[args.index("--max_eval_samples") + 2:]]
     refused = train(*more_eval, "--resume_from_checkpoint", out / "checkpoints" / "step_8")  # other documents held out
     assert refused.returncode == 2 and "held_out" in refused.stderr.strip().splitlines()[-1], refused.stderr[-2000:]
+
+
+@pytest.mark.distributed
+def test_a_streamed_mixture_read_in_parts_by_two_processes_matches_one_and_resumes_on_one(corpus, small_source,
+                                                                                           tmp_path):
+    """Two streams, each in 2 parts: each of 2 processes reads its part of both (the short one runs out
+    and passes again per part); one process reading all parts draws the same blocks; the 2-process
+    checkpoint resumes on 1."""
+    def args(out):
+        return mixture_args(corpus, small_source, out, "--streaming", "--max_eval_samples", 4, "--stream_shuffle_blocks",
+                            8, "--per_device_train_batch_size", 2, "--global_batch_size", 4)
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert "each process reading its own" in launch(args(two), num_processes=2, config_file="multi_cpu.yaml").stdout
+    launch([*args(one), "--stream_readers", 2])
+    assert [s["train_tokens"] for s in results(one)["sources"]] == [s["train_tokens"] for s in results(two)["sources"]]
+    losses = train_losses(two)
+    assert max(abs(losses[s] - train_losses(one)[s]) for s in losses) < 1e-4
+    launch([*args(two), "--resume_from_checkpoint", two / "checkpoints" / "step_8"])
+    again = train_losses(two)
+    assert max(abs(again[s] - losses[s]) for s in range(9, 13)) < 1e-4
 
 
 def test_a_resume_on_other_data_is_refused_at_every_step_even_at_an_epochs_end(tmp_path):

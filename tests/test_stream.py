@@ -14,7 +14,7 @@ from utils.errors import UserError
 from utils.data import document_encoder, load_tokenizer, tokenize_and_pack
 from utils.config import parse_args
 from utils.sources import in_memory_source, load_source
-from utils.stream import DOCUMENTS_PER_BATCH, StreamedBlocks, hold_out_validation
+from utils.stream import DOCUMENTS_PER_BATCH, StreamedBlocks, hold_out_validation, split_stream
 
 DOCS = [f"document {i} " + "word " * (i * 7 % 23) + f"end {i}" for i in range(1200)]
 
@@ -106,13 +106,31 @@ def test_a_stream_shorter_than_one_step_is_an_error(shards, tokenizer):
 def test_validation_is_held_out_from_the_start_of_the_stream(shards, tokenizer, tmp_path):
     args = parse_args(["--train_file", shards[0], "--streaming", "--max_train_steps", "1", "--output_dir", str(tmp_path)])
     raw = load_source(args.sources[0], streaming=True)["splits"]
-    validation, train, _ = hold_out_validation(raw, "text", document_encoder(tokenizer), 16, max_eval_samples=5)
+    validation, held_documents, _ = hold_out_validation(raw, "text", document_encoder(tokenizer), 16, max_eval_samples=5)
     assert len(validation) == 5
-    texts = [d["text"] for d in train]
+    texts = [d["text"] for d in split_stream(raw["train"], 1, held_documents)[0]]
     held_out = len(DOCS) // 3 - len(texts)  # just the documents that fill the validation blocks
     validation_tokens = document_encoder(tokenizer)(DOCS[:held_out])
     assert sum(map(len, validation_tokens[:-1])) < 5 * 16 <= sum(map(len, validation_tokens))
     assert texts[0] == DOCS[held_out]
+
+
+@pytest.mark.parametrize("readers", [2, 3, 4])
+@pytest.mark.parametrize("max_eval_samples", [5, 700, None])
+def test_each_part_of_a_stream_holds_its_own_documents_and_none_held_out(shards, tokenizer, readers, max_eval_samples):
+    """3 shards in 3 parts: a shard each (`datasets` splits by shards); in 2 or 4: every 2nd or 4th
+    document. Held-out documents are the stream's first ones: with 700 validation blocks they span
+    shard 0 and part of shard 1; without a validation budget, 5% of a stream read whole."""
+    raw = {"train": load_dataset("json", data_files=shards, split="train", streaming=True)}
+    _, held_documents, _ = hold_out_validation(raw, "text", document_encoder(tokenizer), 16, max_eval_samples)
+    if max_eval_samples == 700:
+        assert len(DOCS) // 3 < held_documents < 2 * len(DOCS) // 3
+    parts = [[d["text"] for d in part] for part in split_stream(raw["train"], readers, held_documents)]
+    assert sorted(text for part in parts for text in part) == sorted(DOCS[held_documents:])  # each once, none held out
+    if readers == 3:  # a shard each: part l trains on shard l's documents after the held-out ones
+        assert parts[1] == [t for t in DOCS[400:800] if t in DOCS[held_documents:]]
+    else:
+        assert all(abs(len(part) - len(parts[0])) <= 1 for part in parts)
 
 
 # --- End to end: `accelerate launch train.py --streaming` ---------------------------------------
@@ -178,10 +196,13 @@ def test_streaming_resume_continues_exactly_mid_epoch_and_at_an_epoch_end(stream
 
 @pytest.mark.distributed
 def test_streaming_with_two_processes_matches_one_and_resumes(streamed_run, short_corpus, tmp_path):
-    """Only the main process reads the stream; accelerate hands each process its slice of the batch."""
+    """--stream_readers 1: only the main process reads the stream; accelerate hands each process its
+    slice of the batch."""
     out = tmp_path / "ddp"
-    args = [*stream_args(short_corpus, out), "--per_device_train_batch_size", 4, "--global_batch_size", 8]
-    launch(args, num_processes=2, config_file="multi_cpu.yaml")
+    args = [*stream_args(short_corpus, out), "--per_device_train_batch_size", 4, "--global_batch_size", 8,
+            "--stream_readers", 1]
+    assert "streamed in 1 part, read on the main process" in launch(args, num_processes=2,
+                                                                    config_file="multi_cpu.yaml").stdout
     assert (results(out)["num_processes"], results(out)["distributed_type"]) == (2, "MULTI_CPU")
     original, losses = train_losses(streamed_run), train_losses(out)
     assert max(abs(losses[s] - original[s]) for s in original) < 1e-4
@@ -189,6 +210,29 @@ def test_streaming_with_two_processes_matches_one_and_resumes(streamed_run, shor
            config_file="multi_cpu.yaml")
     again = train_losses(out)
     assert max(abs(again[s] - losses[s]) for s in range(18, 31)) < 1e-6
+
+
+@pytest.mark.distributed
+def test_each_process_reads_its_own_part_of_the_stream_and_either_count_resumes_the_other(short_corpus, tmp_path):
+    """By default each of 2 processes reads its own part (--stream_readers = the process count); one
+    process reading both parts trains on the same steps, a 2-process checkpoint (each part's position
+    from its own process) resumes on 1 process, and a 1-process checkpoint on 2."""
+    one, two = tmp_path / "one", tmp_path / "two"
+
+    def args(out):
+        return [*stream_args(short_corpus, out), "--per_device_train_batch_size", 4, "--global_batch_size", 8]
+    ddp = dict(num_processes=2, config_file="multi_cpu.yaml")
+    assert "streamed in 2 parts, each process reading its own" in launch(args(two), **ddp).stdout
+    assert "streamed in 2 parts, read on the main process" in launch([*args(one), "--stream_readers", 2]).stdout
+    assert (results(two)["num_processes"], results(two)["config"]["stream_readers"]) == (2, 2)
+    position = trainer_state(two, 17)["data_position"]
+    assert position["readers"] == 2 and all(part is not None for part in position["parts"])
+    losses = {"one": train_losses(one), "two": train_losses(two)}
+    assert max(abs(losses["two"][s] - losses["one"][s]) for s in losses["one"]) < 1e-4
+    for out, name, elsewhere in ((two, "two", {}), (one, "one", ddp)):
+        launch([*args(out), "--resume_from_checkpoint", out / "checkpoints" / "step_17"], **elsewhere)
+        again = train_losses(out)
+        assert max(abs(again[s] - losses[name][s]) for s in range(18, 31)) < 1e-4, name
 
 
 @pytest.fixture(scope="module")

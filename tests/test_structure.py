@@ -54,4 +54,5 @@ def test_sampler_and_stream_offer_one_train_order_interface():
         for method in ("set_epoch", "position", "start_at"):
             assert callable(getattr(cls, method, None)), f"{cls.__name__} lacks {method}()"
     assert MixtureSampler([10], [None], 4, seed=0).steps_per_epoch == 2
-    assert set(TrainOrder.__annotations__) == {"steps_per_epoch"}
+    assert set(TrainOrder.__annotations__) == {"steps_per_epoch", "each_process_reads"}
+    assert MixtureSampler.each_process_reads is StreamedBlocks.each_process_reads is False

@@ -14,6 +14,8 @@ import re
 import shutil
 from dataclasses import dataclass
 
+from accelerate.utils import gather_object
+
 from utils.errors import UserError
 from utils.files import publish, temporary_name
 
@@ -250,6 +252,11 @@ class Checkpointer:
                         "the same sources, weights, --max_eval_samples and --validation_split_percentage, or start "
                         "a new --output_dir")
 
+    @property
+    def resumed_data_position(self):
+        """The data position of the checkpoint to resume from (None: starting fresh)."""
+        return (self.resume_state or {}).get("data_position")
+
     def before_prepare(self, accelerator):
         if self.resume_from:
             self._load_from = prepare_resume(accelerator, self.resume_from, self.resume_state)
@@ -283,9 +290,16 @@ class Checkpointer:
         accelerator = self.accelerator
         return save_checkpoint(accelerator, self.output_dir, dict(
             step=state.step, epoch=state.epoch, samples_seen=state.step * self.samples_per_step,
-            # only the main process reads a stream (accelerate dispatches its batches), so only it knows where
-            data_position=self.train_order.position(state.samples_in_epoch) if accelerator.is_main_process else None,
+            data_position=self._data_position(state.samples_in_epoch),
             samples_per_step=self.samples_per_step, initial_eval_loss=state.initial_eval_loss, data=self.data,
             config=self.run_config,
             num_processes=accelerator.num_processes, distributed_type=accelerator.distributed_type.value),
             self.total_limit, self.model_files)
+
+    def _data_position(self, samples_into_epoch):
+        """The order's position: the main process's (one order for the job, or streams it reads and
+        accelerate dispatches), or every process's own parts of the streams together."""
+        order = self.train_order
+        if not order.each_process_reads:
+            return order.position(samples_into_epoch) if self.accelerator.is_main_process else None
+        return order.merge(gather_object([order.position(samples_into_epoch)]))

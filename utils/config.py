@@ -58,6 +58,10 @@ def build_parser():
     add("--stream_shuffle_blocks", type=int, default=1024,
         help="with --streaming: shuffle blocks within windows of this many (rounded up to whole optimizer steps); "
              "a resume re-reads one window; 1 keeps the stream's order")
+    add("--stream_readers", type=int, default=None,
+        help="with --streaming: read each source in this many parts, fixed for the run (default: the process count "
+             "at the start; a resume keeps the checkpoint's); each process reads its own parts when the process "
+             "count divides them, else the main process reads all and dispatches the batches")
     add("--attn_implementation", default="sdpa", choices=ATTENTION,
         help="attention kernel (transformers'); flash_attention_2/3 need the flash-attn package and a GPU")
     add("--document_masking", action="store_true",
@@ -185,7 +189,8 @@ def validate(args, writes_store=False):
                  "gradient_accumulation_steps", "logging_steps", "num_train_epochs"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
-    for flag in ("max_train_steps", "max_eval_samples", "stream_shuffle_blocks", "eval_steps", "checkpointing_steps",
+    for flag in ("max_train_steps", "max_eval_samples", "stream_shuffle_blocks", "stream_readers", "eval_steps",
+                 "checkpointing_steps",
                  "checkpoints_total_limit", "global_batch_size"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -196,6 +201,8 @@ def validate(args, writes_store=False):
         raise UserError("--validation_split_percentage must be between 1 and 99")
     if args.streaming and not (args.max_train_steps or args.eval_only):
         raise UserError("--streaming needs --max_train_steps: a stream's length is unknown until it has been read")
+    if args.stream_readers and not args.streaming:
+        raise UserError("--stream_readers splits a stream: add --streaming, or drop --stream_readers")
     if args.streaming and args.dataloader_num_workers:
         raise UserError("--streaming reads in the main process, whose position a checkpoint records (the tokenizer "
                         "uses every core itself): drop --dataloader_num_workers")

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from accelerate.utils import gather
+from accelerate.utils import gather, send_to_device
 from datasets import IterableDataset
 from torch.utils.data import BatchSampler, ConcatDataset, DataLoader, Dataset, SequentialSampler
 from tokenizers import Tokenizer
@@ -256,7 +256,7 @@ def data_signature(blocks, tokenizer):
     return {"tokenizer": tokenizer_identity(tokenizer), "sources": [
         {"label": b["label"], "weight": None if total is None else round(b["weight"] / total, 12),
          "content": b.get("content") or _without_mtimes(b["identity"]), "held_out": b["held_out_tokens"],
-         "train_blocks": None if isinstance(b["train"], torch.utils.data.IterableDataset) else len(b["train"])}
+         "train_blocks": None if isinstance(b["train"], list) else len(b["train"])}  # a list: a stream's parts
         for b in blocks]}
 
 
@@ -273,6 +273,9 @@ class TrainOrder(Protocol):
     so it survives a change of process count."""
 
     steps_per_epoch: int | None  # None: a stream's length is unknown until it has been read
+    # True: each process reads its own parts of the streams, and its position() holds only theirs
+    # (utils/checkpoint.py merges every process's); False: one order for the job, read on the main process
+    each_process_reads: bool
 
     def set_epoch(self, epoch): ...
 
@@ -313,22 +316,41 @@ def _ignore_sigterm(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+class LocalBatches:
+    """The training batches of a process that reads its own parts of the streams: no DataLoader, so
+    accelerate's prepare leaves it as it is (it would split or dispatch the batches); it only moves
+    each batch to the device."""
+
+    def __init__(self, loader, device):
+        self.loader, self.device = loader, device
+
+    def set_epoch(self, epoch):
+        self.loader.dataset.set_epoch(epoch)
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield send_to_device(batch, self.device, non_blocking=self.loader.pin_memory)
+
+
 def build_dataloaders(blocks, samples_per_step, train_batch_size, eval_batch_size, seed, num_workers=0,
-                      document_masking_eos=None):
+                      document_masking_eos=None, stream_reads=None, device=None):
     """(train loader, validation loader, the TrainOrder: where the data stands, for the loop and checkpoints).
 
-    blocks: open_blocks' list (or utils/stream.py stream_blocks'), one entry per source. The validation
-    loader covers every source's validation blocks, each item tagged with its source's number."""
+    blocks: open_blocks' list (or utils/stream.py stream_blocks', whose 'train' is a source's parts,
+    of which this process reads `stream_reads`, all by default). The validation loader covers every
+    source's validation blocks, each item tagged with its source's number."""
     common = {"num_workers": num_workers, "pin_memory": torch.cuda.is_available(),
               "worker_init_fn": _ignore_sigterm if num_workers else None,
               "collate_fn": Collate(document_masking_eos)}
     validation = ConcatDataset([b["validation"] for b in blocks])
     evaluation = DataLoader(validation, sampler=SequentialSampler(validation), batch_size=eval_batch_size, **common)
     train_sets = [b["train"] for b in blocks]
-    if isinstance(train_sets[0], torch.utils.data.IterableDataset):  # a stream orders its own blocks
-        train_order = mix_streams(train_sets, [b["weight"] for b in blocks]).cut_to_steps(samples_per_step)
+    if isinstance(train_sets[0], list):  # streams, in parts: they order their own blocks
+        train_order = mix_streams(train_sets, [b["weight"] for b in blocks], stream_reads).cut_to_steps(samples_per_step)
         train = DataLoader(train_order, batch_size=train_batch_size, pin_memory=common["pin_memory"],
                            collate_fn=common["collate_fn"])
+        if train_order.each_process_reads:
+            train = LocalBatches(train, device)
         return train, evaluation, train_order
     train_order = MixtureSampler([len(t) for t in train_sets], [b["weight"] for b in blocks], samples_per_step, seed)
     if train_order.usable == 0:

@@ -111,6 +111,8 @@ class MixtureSampler(Sampler):
     once (accelerate deals the batches out round-robin), so a position is counted in global samples and
     survives a change of process count. Implements utils/data.py TrainOrder."""
 
+    each_process_reads = False  # one order for the job
+
     def __init__(self, sizes, weights, samples_per_step, seed):
         weights = [w if w is not None else n for w, n in zip(weights, sizes)]  # none given: each weighs its size
         self.sizes, self.seed, self.epoch, self.skip = list(sizes), seed, 0, 0
@@ -209,52 +211,79 @@ class MixtureSampler(Sampler):
         return self.usable - self.skip
 
 
-def mix_streams(streams, weights):
-    """The training order of streamed sources (utils/stream.py StreamedBlocks): one stream as it is
-    (its epochs end where it ends), several drawn by weight (MixedStreams)."""
-    return streams[0] if len(streams) == 1 else MixedStreams(streams, weights)
+def mix_streams(streams, weights, reads=None):
+    """The training order of streamed sources, each in parts (utils/stream.py: streams[i][l] is source
+    i's part l, a StreamedBlocks): one source in one part as it is (its epochs end where it ends);
+    else MixedStreams, of which this process reads the parts `reads` (all by default)."""
+    if len(streams) == 1 and len(streams[0]) == 1:
+        return streams[0][0]
+    return MixedStreams(streams, weights, reads)
 
 
 class MixedStreams(IterableDataset):
-    """Several streams drawn block by block by weight, by the same smooth rule as MixtureSampler but over
-    the whole run (a stream's length is unknown, so there are no epochs): the next block comes from the
-    stream furthest behind its share. A stream that runs out starts its next pass
-    (new shard order and shuffle): it epochs over itself. Every optimizer step, the blocks drawn from each
-    stream and each stream's own position are noted, so a checkpoint resumes exactly, re-reading at most
-    one shuffle window per stream. Implements utils/data.py TrainOrder."""
+    """Streams drawn block by block by weight, by the same smooth rule as MixtureSampler but over the
+    whole run (a stream's length is unknown, so there are no epochs): the next block comes from the
+    source furthest behind its share. Each source is read in L parts (--stream_readers): the S blocks
+    of an optimizer step are cut into L runs of S / L, and run l is drawn from the parts l of the
+    sources the rule picks for its positions, so a process reads only its own parts and still knows
+    the whole step's draws. A part that runs out starts its next pass (new shard order and shuffle):
+    it epochs over itself. Every optimizer step, the blocks drawn from each source and each part's own
+    position are noted, so a checkpoint resumes exactly, re-reading at most one shuffle window per part;
+    each process notes only its parts (utils/checkpoint.py gathers them). Implements utils/data.py TrainOrder."""
 
-    def __init__(self, streams, weights):
+    def __init__(self, streams, weights, reads=None):
         self.streams, self.weights = streams, np.asarray(weights, dtype=np.float64)
-        for stream in streams:
-            stream.cut_to_steps(1)  # whole steps are this mixture's business, not each stream's
+        self.readers = len(streams[0])
+        self.reads = list(range(self.readers) if reads is None else reads)
+        self.each_process_reads = len(self.reads) < self.readers  # else the main process reads every part
+        for parts in streams:
+            for stream in parts:
+                stream.cut_to_steps(1)  # whole steps are this mixture's business, not each stream's
         self.start, self.anchors, self.steps_per_epoch = None, {}, None
-        self.cut_to_steps(1)
+        self.cut_to_steps(self.readers)
 
     def cut_to_steps(self, samples_per_step):
+        if samples_per_step % self.readers:
+            raise ValueError(f"a step of {samples_per_step} blocks is not a multiple of {self.readers} stream parts")
         self.samples_per_step = samples_per_step
         return self
 
     def set_epoch(self, epoch):
-        pass  # no epochs: each stream starts its own next pass when it runs out
+        pass  # no epochs: each part starts its own next pass when it runs out
 
     def _next(self, drawn):
         """The source furthest behind its share of the next draw (interleave's rule, with real weights)."""
         return int(np.argmax((sum(drawn) + 1) * self.weights / self.weights.sum() - np.asarray(drawn)))
 
     def position(self, samples_into_epoch):
+        """Where the run stands (JSON-able); `parts` holds None for the parts other processes read."""
         step, skip = divmod(samples_into_epoch, self.samples_per_step)
         if step not in self.anchors:
             raise RuntimeError(f"mixture position of step {step} is not known (have {sorted(self.anchors)})")
         return {"samples_into_epoch": samples_into_epoch, "epoch_complete": False, "skip": skip,
-                **self.anchors[step]}
+                "readers": self.readers, **self.anchors[step]}
+
+    @staticmethod
+    def merge(positions):
+        """One position from every process's position(): each part's state from the process that reads it."""
+        merged = dict(positions[0])
+        merged["parts"] = [next((p["parts"][l] for p in positions if p["parts"][l] is not None), None)
+                           for l in range(len(merged["parts"]))]
+        return merged
 
     def start_at(self, position):
+        if "parts" not in position:  # a checkpoint of one reader before parts: its one part's state
+            position = {**position, "parts": [{key: position[key] for key in ("passes", "into_pass", "streams")}]}
+        if position.get("readers", 1) != self.readers:
+            raise UserError(f"the checkpoint's streams were read in {position.get('readers', 1)} parts, this run's in "
+                            f"{self.readers}: resume without --stream_readers")
         self.start = position
         step = position["samples_into_epoch"] // self.samples_per_step  # known before the stream is read again
-        self.anchors = {step: {key: position[key] for key in ("drawn", "passes", "into_pass", "streams")}}
+        self.anchors = {step: {"drawn": position["drawn"],
+                               "parts": [part if l in self.reads else None for l, part in enumerate(position["parts"])]}}
 
     def drawn(self, samples):
-        """Blocks drawn from each stream in the first `samples` of the run (its epoch never ends)."""
+        """Blocks drawn from each source in the first `samples` of the run (its epoch never ends)."""
         anchor = self.position(samples)
         drawn = list(anchor["drawn"])
         for _ in range(anchor["skip"]):
@@ -263,43 +292,63 @@ class MixedStreams(IterableDataset):
 
     def __iter__(self):
         start, self.start = self.start, None
-        count = len(self.streams)
-        drawn = list(start["drawn"]) if start else [0] * count  # over the whole run
-        passes = list(start["passes"]) if start else [0] * count
-        into_pass = list(start["into_pass"]) if start else [0] * count  # blocks drawn from the current pass
-        resumed_at = list(start["streams"]) if start else [None] * count  # until a stream yields again
-        iterators = []
-        for stream, number, position in zip(self.streams, passes, resumed_at):
-            stream.set_epoch(number)
-            if position:
-                stream.start_at(position)
-            iterators.append(iter(stream))
+        count, per_part = len(self.streams), self.samples_per_step // self.readers
+        drawn = list(start["drawn"]) if start else [0] * count  # over the whole run, every part
+        saved = start["parts"] if start else [None] * self.readers
+        parts = {l: _PartReader([parts[l] for parts in self.streams], saved[l]) for l in self.reads}
         step = start["samples_into_epoch"] // self.samples_per_step if start else 0
         skip = start["skip"] if start else 0
 
         def snapshot():
-            return {"drawn": list(drawn), "passes": list(passes), "into_pass": list(into_pass),
-                    "streams": [at or (s.position(n) if n else None)
-                                for s, n, at in zip(self.streams, into_pass, resumed_at)]}
+            return {"drawn": list(drawn), "parts": [parts[l].state() if l in parts else None
+                                                    for l in range(self.readers)]}
         self.anchors = {step: snapshot()}
         while True:
             blocks = []
-            for _ in range(self.samples_per_step):
+            for p in range(self.samples_per_step):  # every process draws the whole step, reads its parts' runs
                 i = self._next(drawn)
-                block = next(iterators[i], None)
-                if block is None:  # this stream's pass is over: its next pass
-                    if into_pass[i] == 0:
-                        raise RuntimeError(f"stream {i} of the mixture holds no block")
-                    passes[i], into_pass[i], resumed_at[i] = passes[i] + 1, 0, None
-                    self.streams[i].set_epoch(passes[i])
-                    iterators[i] = iter(self.streams[i])
-                    block = next(iterators[i])
-                drawn[i], into_pass[i], resumed_at[i] = drawn[i] + 1, into_pass[i] + 1, None
-                if skip:
-                    skip -= 1
-                else:
-                    blocks.append(block)
+                drawn[i] += 1
+                if p // per_part in parts:
+                    block = parts[p // per_part].draw(i)
+                    if p >= skip:
+                        blocks.append(block)
+            skip = 0
             step += 1
             self.anchors[step] = snapshot()  # before yielding: the step's end is known when its last block is
             self.anchors.pop(step - 8, None)  # the loader reads ahead a batch or two; a checkpoint lags that much
             yield from blocks
+
+
+class _PartReader:
+    """One part l of every source (streams[i] is source i's part l): its passes, the blocks drawn from
+    the current pass, and where each stream resumed (until it yields again)."""
+
+    def __init__(self, streams, saved=None):
+        count = len(streams)
+        self.streams = streams
+        self.passes = list(saved["passes"]) if saved else [0] * count
+        self.into_pass = list(saved["into_pass"]) if saved else [0] * count
+        self.resumed_at = list(saved["streams"]) if saved else [None] * count
+        self.iterators = []
+        for stream, number, position in zip(streams, self.passes, self.resumed_at):
+            stream.set_epoch(number)
+            if position:
+                stream.start_at(position)
+            self.iterators.append(iter(stream))
+
+    def draw(self, i):
+        block = next(self.iterators[i], None)
+        if block is None:  # this stream's pass is over: its next pass
+            if self.into_pass[i] == 0:
+                raise RuntimeError(f"stream {i} of the mixture holds no block")
+            self.passes[i], self.into_pass[i], self.resumed_at[i] = self.passes[i] + 1, 0, None
+            self.streams[i].set_epoch(self.passes[i])
+            self.iterators[i] = iter(self.streams[i])
+            block = next(self.iterators[i])
+        self.into_pass[i], self.resumed_at[i] = self.into_pass[i] + 1, None
+        return block
+
+    def state(self):
+        return {"passes": list(self.passes), "into_pass": list(self.into_pass),
+                "streams": [at or (s.position(n) if n else None)
+                            for s, n, at in zip(self.streams, self.into_pass, self.resumed_at)]}

@@ -1,9 +1,12 @@
 """--streaming: read, tokenize and pack a corpus on the fly, for data too large to tokenize up front.
 
-Only the main process reads the stream; accelerate dispatches each batch to the others. Blocks
-are shuffled within windows of whole optimizer steps (and `datasets` reshuffles the shard order
-every epoch). A checkpoint stores where the current window starts in the stream (the stream's
-own `state_dict` plus a token offset), so a resume re-reads one window, not the epoch so far.
+Each source's training stream is cut into --stream_readers parts (`datasets`' split_dataset_by_node:
+whole shards where they divide evenly, else every L-th document), fixed for the run. When the
+process count divides the parts, each process reads and tokenizes its own (as torchtitan does);
+otherwise the main process reads them all and accelerate dispatches each batch. Blocks are
+shuffled within windows (and `datasets` reshuffles the shard order every pass). A checkpoint
+stores where each part's current window starts in its stream (the stream's own `state_dict` plus
+a token offset), so a resume re-reads one window per part, not the epoch so far.
 """
 
 import logging
@@ -14,6 +17,7 @@ from itertools import chain, islice
 
 import numpy as np
 import torch
+from datasets.distributed import split_dataset_by_node
 from torch.utils.data import IterableDataset
 
 from utils.errors import UserError
@@ -28,30 +32,88 @@ logging.getLogger("datasets.iterable_dataset").addFilter(lambda record: "shuffle
 
 
 def stream_blocks(sources, tokenizer, block_size, window_blocks, seed, max_eval_samples=None,
-                  validation_split_percentage=5):
+                  validation_split_percentage=5, readers=1):
     """Per source (utils/sources.py load_source), as utils/data.py open_blocks gives them: {'label',
-    'identity', 'weight', 'train': StreamedBlocks, 'validation': PackedBlocks, 'eval_tokens',
-    'held_out_tokens'}; only the validation blocks are made up front."""
+    'identity', 'weight', 'train': its `readers` parts (StreamedBlocks), 'validation': PackedBlocks,
+    'eval_tokens', 'held_out_tokens'}; only the validation blocks are made up front."""
     encode = document_encoder(tokenizer)
     blocks = []
     for number, source in enumerate(sources):
-        validation, train, held_out = hold_out_validation(source["splits"], source["text_column"], encode, block_size,
-                                                          max_eval_samples, validation_split_percentage, number,
-                                                          source["label"])
+        validation, held_documents, held_out = hold_out_validation(
+            source["splits"], source["text_column"], encode, block_size, max_eval_samples,
+            validation_split_percentage, number, source["label"])
+        parts = split_stream(source["splits"]["train"], readers, held_documents)
         blocks.append({"label": source["label"], "identity": source["identity"], "weight": source["weight"],
-                       "train": StreamedBlocks(train, source["text_column"], encode, block_size, window_blocks, seed),
+                       "train": [StreamedBlocks(part, source["text_column"], encode, block_size, window_blocks, seed,
+                                                part=l) for l, part in enumerate(parts)],
                        "validation": validation, "eval_tokens": len(validation) * block_size,
                        "held_out_tokens": held_out})
     return blocks
 
 
+def stream_readers(requested, saved_position, num_processes, process_index, samples_per_step):
+    """(L, the parts this process reads): L = --stream_readers, or the resumed checkpoint's, or the
+    process count. Each of P processes reads L / P parts when P divides L; else every part is read on
+    the main process (the others hold the order but never read it: accelerate dispatches the batches)."""
+    saved = (saved_position or {}).get("readers", 1) if saved_position else None
+    if requested and saved and requested != saved:
+        raise UserError(f"--stream_readers {requested}, but the checkpoint's streams were read in {saved} parts (the "
+                        f"data order depends on it): drop --stream_readers to resume with {saved}")
+    readers = requested or saved or num_processes
+    if samples_per_step % readers:
+        raise UserError(f"the global batch of {samples_per_step} sequences is not a multiple of the {readers} stream "
+                        f"readers (--stream_readers, by default the process count): each step takes the same share "
+                        f"of every part; give --stream_readers a divisor of {samples_per_step}")
+    if readers % num_processes:
+        return readers, range(readers)
+    share = readers // num_processes
+    return readers, range(process_index * share, (process_index + 1) * share)
+
+
+def split_stream(train, readers, held_documents=0):
+    """`train` in `readers` parts (one: itself), each without the documents held out for validation
+    (the first `held_documents` of the stream, in file order). `datasets` assigns whole shards when
+    `readers` divides their count, and each part skips the held-out documents of its own shards;
+    else each part keeps every L-th document after the held-out ones."""
+    if readers == 1:
+        return [train.skip(held_documents) if held_documents else train]
+    by_shards = train.num_shards % readers == 0
+    skips = _held_out_per_part(train, readers, held_documents) if by_shards else [held_documents] * readers
+    parts = []
+    for l in range(readers):
+        if by_shards:  # split, then skip: the part's own held-out documents, its first ones
+            part = split_dataset_by_node(train, l, readers, strategy="shards")
+            parts.append(part.skip(skips[l]) if skips[l] else part)
+        else:  # skip, then take every L-th: nothing held out reaches any part
+            parts.append(split_dataset_by_node(train.skip(held_documents) if held_documents else train, l, readers,
+                                               strategy="examples"))
+    return parts
+
+
+def _held_out_per_part(train, readers, held_documents):
+    """How many of its first documents each part holds out, when part l holds shards l, l+L, ...: the
+    held-out documents are the stream's first ones, so shard j's held-out count is counted by reading
+    shard j's beginning (the held-out documents again, no more)."""
+    skips, left = [0] * readers, held_documents
+    for j in range(train.num_shards):
+        if left == 0:
+            break
+        for batch in train.shard(train.num_shards, j, contiguous=True).iter(batch_size=DOCUMENTS_PER_BATCH):
+            taken = min(left, len(next(iter(batch.values()))))
+            skips[j % readers] += taken
+            left -= taken
+            if left == 0:
+                break
+    return skips
+
+
 def hold_out_validation(raw, text_column, encode, block_size, max_eval_samples=None, validation_split_percentage=5,
                         source=None, label="data"):
-    """(validation blocks in memory, the training stream, tokens held out of training), as on disk
+    """(validation blocks in memory, documents held out of training, their tokens), as on disk
     (utils/data.py open_blocks): the validation split's first eval_blocks(max_eval_samples) blocks;
     without one, the first training documents that fill them are held out and training starts at the
-    next document (which keeps the stream's shard order fixed: `datasets` cannot skip within reshuffled
-    shards). A stream that ends before filling them was read whole: like a corpus on disk, its first
+    next document (split_stream skips them, which keeps the stream's shard order fixed: `datasets`
+    cannot skip within reshuffled shards). A stream that ends before filling them was read whole: like a corpus on disk, its first
     validation_split_percentage of documents are held out and evaluated, the rest trains."""
     wanted = eval_blocks(max_eval_samples, block_size) * block_size
     stream = raw["validation"] if "validation" in raw else raw["train"]
@@ -74,21 +136,23 @@ def hold_out_validation(raw, text_column, encode, block_size, max_eval_samples=N
         raise UserError(f"the validation split of {label} has {len(tokens)} tokens, fewer than one block of "
                         f"{block_size}: give more data or a smaller --block_size")
     if "validation" in raw:
-        return PackedBlocks(tokens, block_size, source=source), raw["train"], 0
-    return PackedBlocks(tokens, block_size, source=source), raw["train"].skip(len(pieces)), held_out
+        return PackedBlocks(tokens, block_size, source=source), 0, 0
+    return PackedBlocks(tokens, block_size, source=source), len(pieces), held_out
 
 
 class StreamedBlocks(IterableDataset):
     """Blocks of `block_size` tokens packed on the fly from a `datasets` IterableDataset.
 
     Documents are joined with EOS as in the on-disk pipeline; the stream is cut into windows of
-    whole optimizer steps and each window is shuffled by (seed, epoch, window). An epoch ends at
-    the last whole optimizer step of the stream.
+    whole optimizer steps and each window is shuffled by (seed, epoch, window) (and the part's
+    number, past the first part). An epoch ends at the last whole optimizer step of the stream.
     """
 
-    def __init__(self, source, text_column, encode, block_size, window_blocks, seed):
+    each_process_reads = False  # utils/data.py TrainOrder: one part, read on the main process
+
+    def __init__(self, source, text_column, encode, block_size, window_blocks, seed, part=0):
         self.source, self.text_column, self.encode = source, text_column, encode
-        self.block_size, self.window_blocks, self.seed = block_size, window_blocks, seed
+        self.block_size, self.window_blocks, self.seed, self.part = block_size, window_blocks, seed, part
         self.epoch, self.start, self.anchors, self.epoch_length = 0, None, {}, None
         self.cut_to_steps(1)
 
@@ -125,7 +189,8 @@ class StreamedBlocks(IterableDataset):
             self.anchors[window + 1] = next_anchor
             self.anchors.pop(window - _KEPT_ANCHORS, None)
             whole_steps = len(blocks) // self.samples_per_step * self.samples_per_step  # only the last window has less
-            order = np.random.default_rng([self.seed, self.epoch, window]).permutation(len(blocks))[:whole_steps]
+            key = [self.seed, self.epoch, window] + ([self.part] if self.part else [])  # part 0: one reader's order
+            order = np.random.default_rng(key).permutation(len(blocks))[:whole_steps]
             end = window * self.window + whole_steps
             for i in order[skip:]:
                 yield {"input_ids": torch.from_numpy(blocks[i].astype(np.int64))}
