@@ -170,20 +170,21 @@ def encode():
     return document_encoder(load_tokenizer(None, 300, [in_memory_source({"train": texts})], PartialState()))
 
 
-def stream(texts, encode, window=4, readers=1):
-    """The texts as a stream of 2 shards, in `readers` parts (utils/stream.py split_stream)."""
-    source = Dataset.from_dict({"text": texts}).to_iterable_dataset(num_shards=2)
-    return [StreamedBlocks(part, "text", encode, 8, window, seed=3, part=l)
-            for l, part in enumerate(split_stream(source, readers))]
+def stream(texts, encode, window=4, readers=1, shards=2):
+    """The texts as a stream of `shards` shards, in `readers` parts (utils/stream.py split_stream)."""
+    source = Dataset.from_dict({"text": texts}).to_iterable_dataset(num_shards=shards)
+    parts, shuffle_shards = split_stream(source, readers)
+    return [StreamedBlocks(part, "text", encode, 8, window, 3, (l, readers), shuffle_shards)
+            for l, part in enumerate(parts)]
 
 
 BIG = [f"document {i} " + "word " * (i % 13) for i in range(400)]
 SMALL = [f"short {i} text" for i in range(30)]  # a few blocks: it runs out and starts its next pass
 
 
-def mixed(encode, weights=(1, 3), readers=1, reads=None):
-    return MixedStreams([stream(BIG, encode, readers=readers), stream(SMALL, encode, readers=readers)],
-                        list(weights), reads).cut_to_steps(4)
+def mixed(encode, weights=(1, 3), readers=1, reads=None, samples_per_step=4):
+    return MixedStreams([stream(BIG, encode, readers=readers, shards=4), stream(SMALL, encode, readers=readers)],
+                        list(weights), reads).cut_to_steps(samples_per_step)
 
 
 def take(dataset, n):
@@ -253,11 +254,30 @@ def test_streams_in_parts_give_each_process_its_run_of_each_step_and_resume_on_a
         mixed(encode, weights, readers=1).start_at(merged)
 
 
+@pytest.mark.parametrize("weights, samples_per_step, readers", [((1, 1), 4, 4), ((3, 1), 4, 2), ((1, 3), 8, 2)])
+def test_every_part_follows_the_weights_and_every_step_holds_the_mixture(encode, weights, samples_per_step, readers):
+    """However the rule's period meets the step (1:1 with one block per part repeats every 2 draws),
+    no source is pinned to some parts: each part draws each source within a block of its share, and
+    each step holds S consecutive draws of the rule, within a block of each share."""
+    mixture, steps = mixed(encode, weights, readers, samples_per_step=samples_per_step), 60
+    share, per_part = np.array(weights) / sum(weights), samples_per_step // readers
+    totals = [np.zeros(2)]
+    for n, _ in enumerate(mixture):
+        if (n + 1) % samples_per_step == 0:
+            totals.append(np.array(mixture.anchors[(n + 1) // samples_per_step]["drawn"]))
+            if len(totals) == steps + 1:
+                break
+    for part in mixture.anchors[steps]["parts"]:
+        assert np.abs(np.array(part["drawn"]) - share * steps * per_part).max() <= 1, part["drawn"]
+    for before, after in zip(totals, totals[1:]):
+        assert np.abs(after - before - share * samples_per_step).max() <= 1
+
+
 def test_a_checkpoint_of_mixed_streams_before_parts_resumes_as_one_part(encode):
     blocks, position = take_and_save(mixed(encode), 120, at=80, samples=80)
     part = position.pop("parts")[0]
-    del position["readers"]
-    older = {**position, **part}  # the format before --stream_readers
+    del position["readers"], position["rule"], part["drawn"]
+    older = {**position, **part, "skip": 0}  # the format before --stream_readers
     again = mixed(encode)
     again.start_at(older)
     assert take(again, 40) == blocks[80:]

@@ -115,22 +115,54 @@ def test_validation_is_held_out_from_the_start_of_the_stream(shards, tokenizer, 
     assert texts[0] == DOCS[held_out]
 
 
+@pytest.fixture(scope="module")
+def six_shards(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("six")
+    for n, part in enumerate(np.array_split(np.arange(len(DOCS)), 6)):
+        (folder / f"part{n}.jsonl").write_text("".join(json.dumps({"text": DOCS[i]}) + "\n" for i in part))
+    return [str(folder / f"part{n}.jsonl") for n in range(6)]
+
+
 @pytest.mark.parametrize("readers", [2, 3, 4])
 @pytest.mark.parametrize("max_eval_samples", [5, 700, None])
-def test_each_part_of_a_stream_holds_its_own_documents_and_none_held_out(shards, tokenizer, readers, max_eval_samples):
-    """3 shards in 3 parts: a shard each (`datasets` splits by shards); in 2 or 4: every 2nd or 4th
-    document. Held-out documents are the stream's first ones: with 700 validation blocks they span
-    shard 0 and part of shard 1; without a validation budget, 5% of a stream read whole."""
-    raw = {"train": load_dataset("json", data_files=shards, split="train", streaming=True)}
+@pytest.mark.parametrize("files", [3, 6])
+def test_each_part_of_a_stream_holds_its_own_documents_and_none_held_out_on_every_pass(
+        shards, six_shards, tokenizer, readers, max_eval_samples, files):
+    """In as many parts as divide the shards, a part holds whole shards (l, l + L, ...), the same on
+    every pass (which reshuffles only their order); else every L-th document, in a fixed order.
+    Held-out documents are the stream's first ones (5 validation blocks: inside shard 0; 700: all of
+    shard 0 and part of the next; none given: 5% of a stream read whole): no part trains on them, and
+    parts on different passes never share a document."""
+    files = shards if files == 3 else six_shards
+    raw = {"train": load_dataset("json", data_files=files, split="train", streaming=True)}
     _, held_documents, _ = hold_out_validation(raw, "text", document_encoder(tokenizer), 16, max_eval_samples)
     if max_eval_samples == 700:
-        assert len(DOCS) // 3 < held_documents < 2 * len(DOCS) // 3
-    parts = [[d["text"] for d in part] for part in split_stream(raw["train"], readers, held_documents)]
-    assert sorted(text for part in parts for text in part) == sorted(DOCS[held_documents:])  # each once, none held out
-    if readers == 3:  # a shard each: part l trains on shard l's documents after the held-out ones
-        assert parts[1] == [t for t in DOCS[400:800] if t in DOCS[held_documents:]]
-    else:
-        assert all(abs(len(part) - len(parts[0])) <= 1 for part in parts)
+        assert len(DOCS) // 6 < held_documents < 2 * len(DOCS) // 3
+    parts, shuffle_shards = split_stream(raw["train"], readers, held_documents)
+    assert shuffle_shards == (len(files) % readers == 0)
+    streams = [StreamedBlocks(part, "text", None, 16, 1, 7, (l, readers), shuffle_shards) for l, part in enumerate(parts)]
+    trained = sorted(DOCS[held_documents:])
+    for passes in ([0] * readers, [1, 2, 0, 1][:readers], [3, 0, 2, 1][:readers]):  # parts at different passes
+        texts = []
+        for stream, epoch in zip(streams, passes):
+            stream.set_epoch(epoch)
+            texts.append([d["text"] for d in stream.documents()])
+        assert sorted(text for part in texts for text in part) == trained  # each once, none held out
+        if len(files) % readers:
+            assert all(abs(len(part) - len(texts[0])) <= 1 for part in texts)
+        else:  # whole shards: part 1 holds shards 1, 1 + L, ... (less what was held out)
+            ones = set().union(*(np.array_split(np.arange(len(DOCS)), len(files))[j] for j in range(1, len(files), readers)))
+            assert sorted(texts[1]) == sorted(DOCS[i] for i in ones if i >= held_documents)
+
+
+def test_a_part_left_without_a_block_names_the_part_and_the_flag(tokenizer):
+    """The held-out documents fill shard 0, the one shard of part 1 of 2: it has nothing to train on."""
+    source = Dataset.from_dict({"text": DOCS[:40]}).to_iterable_dataset(num_shards=2)
+    parts, shuffle_shards = split_stream(source, 2, held_documents=20)
+    blocks = StreamedBlocks(parts[0], "text", document_encoder(tokenizer), 16, 1, 7, (0, 2), shuffle_shards)
+    with pytest.raises(UserError, match=r"part 1 of the training stream's 2 \(--stream_readers"):
+        ids(blocks)
+    assert ids(StreamedBlocks(parts[1], "text", document_encoder(tokenizer), 16, 1, 7, (1, 2), shuffle_shards))
 
 
 # --- End to end: `accelerate launch train.py --streaming` ---------------------------------------

@@ -223,13 +223,16 @@ def mix_streams(streams, weights, reads=None):
 class MixedStreams(IterableDataset):
     """Streams drawn block by block by weight, by the same smooth rule as MixtureSampler but over the
     whole run (a stream's length is unknown, so there are no epochs): the next block comes from the
-    source furthest behind its share. Each source is read in L parts (--stream_readers): the S blocks
-    of an optimizer step are cut into L runs of S / L, and run l is drawn from the parts l of the
-    sources the rule picks for its positions, so a process reads only its own parts and still knows
-    the whole step's draws. A part that runs out starts its next pass (new shard order and shuffle):
-    it epochs over itself. Every optimizer step, the blocks drawn from each source and each part's own
-    position are noted, so a checkpoint resumes exactly, re-reading at most one shuffle window per part;
-    each process notes only its parts (utils/checkpoint.py gathers them). Implements utils/data.py TrainOrder."""
+    source furthest behind its share. Each source is read in L parts (--stream_readers), and each
+    optimizer step takes m = S / L blocks from each part l: the sources of the rule's draws
+    [(k + l) m, (k + l + 1) m) at step k. So the step holds S consecutive draws of the rule (within a
+    block of every share), each part follows the rule on its own (within a block of every share: no
+    source is pinned to some parts), and a process reads only its own parts yet knows the whole
+    step's draws. A part that runs out starts its next pass (new shard order and shuffle): it epochs
+    over itself. Every optimizer step, the rule's state, the blocks trained from each source and each
+    part's own position are noted, so a checkpoint resumes exactly, re-reading at most one shuffle
+    window per part; each process notes only its parts (utils/checkpoint.py gathers them).
+    Implements utils/data.py TrainOrder."""
 
     def __init__(self, streams, weights, reads=None):
         self.streams, self.weights = streams, np.asarray(weights, dtype=np.float64)
@@ -256,12 +259,13 @@ class MixedStreams(IterableDataset):
         return int(np.argmax((sum(drawn) + 1) * self.weights / self.weights.sum() - np.asarray(drawn)))
 
     def position(self, samples_into_epoch):
-        """Where the run stands (JSON-able); `parts` holds None for the parts other processes read."""
+        """Where the run stands (JSON-able), at a step's end; `parts` holds None for the parts other
+        processes read."""
         step, skip = divmod(samples_into_epoch, self.samples_per_step)
-        if step not in self.anchors:
-            raise RuntimeError(f"mixture position of step {step} is not known (have {sorted(self.anchors)})")
-        return {"samples_into_epoch": samples_into_epoch, "epoch_complete": False, "skip": skip,
-                "readers": self.readers, **self.anchors[step]}
+        if skip or step not in self.anchors:
+            raise RuntimeError(f"mixture position of step {step} (+{skip}) is not known (have {sorted(self.anchors)})")
+        return {"samples_into_epoch": samples_into_epoch, "epoch_complete": False, "readers": self.readers,
+                **self.anchors[step]}
 
     @staticmethod
     def merge(positions):
@@ -277,42 +281,43 @@ class MixedStreams(IterableDataset):
         if position.get("readers", 1) != self.readers:
             raise UserError(f"the checkpoint's streams were read in {position.get('readers', 1)} parts, this run's in "
                             f"{self.readers}: resume without --stream_readers")
+        if position.get("skip"):
+            raise UserError("the checkpoint's stream position is inside an optimizer step: resume from another")
         self.start = position
         step = position["samples_into_epoch"] // self.samples_per_step  # known before the stream is read again
-        self.anchors = {step: {"drawn": position["drawn"],
+        self.anchors = {step: {"drawn": position["drawn"], "rule": position.get("rule", position["drawn"]),
                                "parts": [part if l in self.reads else None for l, part in enumerate(position["parts"])]}}
 
     def drawn(self, samples):
-        """Blocks drawn from each source in the first `samples` of the run (its epoch never ends)."""
-        anchor = self.position(samples)
-        drawn = list(anchor["drawn"])
-        for _ in range(anchor["skip"]):
-            drawn[self._next(drawn)] += 1
-        return drawn
+        """Blocks trained from each source in the first `samples` (whole steps) of the run, on every part."""
+        return list(self.position(samples)["drawn"])
 
     def __iter__(self):
         start, self.start = self.start, None
-        count, per_part = len(self.streams), self.samples_per_step // self.readers
-        drawn = list(start["drawn"]) if start else [0] * count  # over the whole run, every part
+        count, share = len(self.streams), self.samples_per_step // self.readers
+        drawn = list(start["drawn"]) if start else [0] * count  # blocks trained per source, all parts
+        rule = list(start.get("rule", start["drawn"])) if start else [0] * count  # the rule's draws before `ahead`
         saved = start["parts"] if start else [None] * self.readers
         parts = {l: _PartReader([parts[l] for parts in self.streams], saved[l]) for l in self.reads}
         step = start["samples_into_epoch"] // self.samples_per_step if start else 0
-        skip = start["skip"] if start else 0
+        ahead, counted = [], list(rule)  # the rule's next S draws; `counted` includes them
 
         def snapshot():
-            return {"drawn": list(drawn), "parts": [parts[l].state() if l in parts else None
-                                                    for l in range(self.readers)]}
+            return {"drawn": list(drawn), "rule": list(rule),
+                    "parts": [parts[l].state() if l in parts else None for l in range(self.readers)]}
         self.anchors = {step: snapshot()}
         while True:
+            while len(ahead) < self.samples_per_step:  # every process draws the whole step (S / L new per step)
+                ahead.append(self._next(counted))
+                counted[ahead[-1]] += 1
             blocks = []
-            for p in range(self.samples_per_step):  # every process draws the whole step, reads its parts' runs
-                i = self._next(drawn)
+            for l in self.reads:  # part l: draws [(k + l) m, (k + l + 1) m)
+                blocks += [parts[l].draw(i) for i in ahead[l * share:(l + 1) * share]]
+            for i in ahead:
                 drawn[i] += 1
-                if p // per_part in parts:
-                    block = parts[p // per_part].draw(i)
-                    if p >= skip:
-                        blocks.append(block)
-            skip = 0
+            for i in ahead[:share]:
+                rule[i] += 1
+            del ahead[:share]
             step += 1
             self.anchors[step] = snapshot()  # before yielding: the step's end is known when its last block is
             self.anchors.pop(step - 8, None)  # the loader reads ahead a batch or two; a checkpoint lags that much
@@ -320,12 +325,13 @@ class MixedStreams(IterableDataset):
 
 
 class _PartReader:
-    """One part l of every source (streams[i] is source i's part l): its passes, the blocks drawn from
-    the current pass, and where each stream resumed (until it yields again)."""
+    """One part l of every source (streams[i] is source i's part l): the blocks drawn from each, its
+    passes, the blocks drawn from the current pass, and where each stream resumed (until it yields again)."""
 
     def __init__(self, streams, saved=None):
         count = len(streams)
         self.streams = streams
+        self.drawn = list(saved["drawn"]) if saved and "drawn" in saved else [0] * count  # before parts: not kept
         self.passes = list(saved["passes"]) if saved else [0] * count
         self.into_pass = list(saved["into_pass"]) if saved else [0] * count
         self.resumed_at = list(saved["streams"]) if saved else [None] * count
@@ -345,10 +351,10 @@ class _PartReader:
             self.streams[i].set_epoch(self.passes[i])
             self.iterators[i] = iter(self.streams[i])
             block = next(self.iterators[i])
-        self.into_pass[i], self.resumed_at[i] = self.into_pass[i] + 1, None
+        self.drawn[i], self.into_pass[i], self.resumed_at[i] = self.drawn[i] + 1, self.into_pass[i] + 1, None
         return block
 
     def state(self):
-        return {"passes": list(self.passes), "into_pass": list(self.into_pass),
+        return {"drawn": list(self.drawn), "passes": list(self.passes), "into_pass": list(self.into_pass),
                 "streams": [at or (s.position(n) if n else None)
                             for s, n, at in zip(self.streams, self.into_pass, self.resumed_at)]}

@@ -42,10 +42,10 @@ def stream_blocks(sources, tokenizer, block_size, window_blocks, seed, max_eval_
         validation, held_documents, held_out = hold_out_validation(
             source["splits"], source["text_column"], encode, block_size, max_eval_samples,
             validation_split_percentage, number, source["label"])
-        parts = split_stream(source["splits"]["train"], readers, held_documents)
+        parts, shuffle_shards = split_stream(source["splits"]["train"], readers, held_documents)
         blocks.append({"label": source["label"], "identity": source["identity"], "weight": source["weight"],
                        "train": [StreamedBlocks(part, source["text_column"], encode, block_size, window_blocks, seed,
-                                                part=l) for l, part in enumerate(parts)],
+                                                (l, readers), shuffle_shards) for l, part in enumerate(parts)],
                        "validation": validation, "eval_tokens": len(validation) * block_size,
                        "held_out_tokens": held_out})
     return blocks
@@ -71,23 +71,20 @@ def stream_readers(requested, saved_position, num_processes, process_index, samp
 
 
 def split_stream(train, readers, held_documents=0):
-    """`train` in `readers` parts (one: itself), each without the documents held out for validation
-    (the first `held_documents` of the stream, in file order). `datasets` assigns whole shards when
-    `readers` divides their count, and each part skips the held-out documents of its own shards;
-    else each part keeps every L-th document after the held-out ones."""
+    """(`train` in `readers` parts (one: itself), whether a part may reshuffle its shard order per pass),
+    each part without the documents held out for validation (the stream's first `held_documents`, in
+    file order). When `readers` divides the shard count, part l holds shards l, l+L, ... (fixed: a pass
+    reshuffles only its own) and skips the held-out documents among them, its first ones; else each
+    part keeps every L-th document after the held-out ones, in the shards' fixed order (a reshuffle
+    would hand other documents to each part on each pass)."""
     if readers == 1:
-        return [train.skip(held_documents) if held_documents else train]
-    by_shards = train.num_shards % readers == 0
-    skips = _held_out_per_part(train, readers, held_documents) if by_shards else [held_documents] * readers
-    parts = []
-    for l in range(readers):
-        if by_shards:  # split, then skip: the part's own held-out documents, its first ones
-            part = split_dataset_by_node(train, l, readers, strategy="shards")
-            parts.append(part.skip(skips[l]) if skips[l] else part)
-        else:  # skip, then take every L-th: nothing held out reaches any part
-            parts.append(split_dataset_by_node(train.skip(held_documents) if held_documents else train, l, readers,
-                                               strategy="examples"))
-    return parts
+        return [train.skip(held_documents) if held_documents else train], True
+    if train.num_shards % readers == 0:
+        skips = _held_out_per_part(train, readers, held_documents)
+        parts = [train.shard(readers, l, contiguous=False) for l in range(readers)]
+        return [part.skip(skip) if skip else part for part, skip in zip(parts, skips)], True
+    rest = train.skip(held_documents) if held_documents else train  # skip, then every L-th: nothing held out
+    return [split_dataset_by_node(rest, l, readers, strategy="examples") for l in range(readers)], False
 
 
 def _held_out_per_part(train, readers, held_documents):
@@ -146,13 +143,15 @@ class StreamedBlocks(IterableDataset):
     Documents are joined with EOS as in the on-disk pipeline; the stream is cut into windows of
     whole optimizer steps and each window is shuffled by (seed, epoch, window) (and the part's
     number, past the first part). An epoch ends at the last whole optimizer step of the stream.
+    part: (l, L), this stream is part l of a source's L (utils/stream.py split_stream).
     """
 
     each_process_reads = False  # utils/data.py TrainOrder: one part, read on the main process
 
-    def __init__(self, source, text_column, encode, block_size, window_blocks, seed, part=0):
+    def __init__(self, source, text_column, encode, block_size, window_blocks, seed, part=(0, 1), shuffle_shards=True):
         self.source, self.text_column, self.encode = source, text_column, encode
-        self.block_size, self.window_blocks, self.seed, self.part = block_size, window_blocks, seed, part
+        self.block_size, self.window_blocks, self.seed = block_size, window_blocks, seed
+        (self.part, self.parts), self.shuffle_shards = part, shuffle_shards
         self.epoch, self.start, self.anchors, self.epoch_length = 0, None, {}, None
         self.cut_to_steps(1)
 
@@ -196,6 +195,10 @@ class StreamedBlocks(IterableDataset):
                 yield {"input_ids": torch.from_numpy(blocks[i].astype(np.int64))}
             skip = 0
         self.epoch_length = end
+        if start is None and end == 0 and self.parts > 1:
+            raise UserError(f"part {self.part + 1} of the training stream's {self.parts} (--stream_readers, by default "
+                            f"the process count) holds no block of {self.block_size} tokens: give fewer "
+                            f"--stream_readers, the data in more files, or a smaller --block_size")
         if start is None and end == 0:
             raise UserError(f"the training stream holds fewer than one optimizer step ({self.samples_per_step} blocks "
                             f"of {self.block_size} tokens): give more data or a smaller batch / --block_size")
@@ -220,10 +223,17 @@ class StreamedBlocks(IterableDataset):
         if whole:
             yield np.concatenate(pieces)[:whole].reshape(-1, self.block_size), next_anchor
 
+    def documents(self):
+        """The documents of this epoch's pass, in the order it reads them (a `datasets` IterableDataset)."""
+        if not self.shuffle_shards:
+            return self.source
+        stream = self.source.shuffle(seed=self.seed, buffer_size=1)  # the shard order by seed + epoch, nothing buffered
+        stream.set_epoch(self.epoch)
+        return stream
+
     def _token_batches(self, state):
         """(stream state before the batch, its tokens with EOS after each document), from `state` on."""
-        stream = self.source.shuffle(seed=self.seed, buffer_size=1)  # shard order by seed + epoch, nothing buffered
-        stream.set_epoch(self.epoch)
+        stream = self.documents()
         if state is not None:
             stream.load_state_dict(state)
         documents = iter(stream)
