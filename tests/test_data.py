@@ -119,7 +119,7 @@ def test_held_out_text_beyond_what_is_evaluated_is_trained_on_the_same_on_every_
         stream = load_source(args.sources[0], streaming=True)["splits"]  # --streaming holds out the same documents
         validation, held_documents, held_out = hold_out_validation(stream, "text", document_encoder(tokenizer), 16,
                                                                    max_eval_samples, validation_split_percentage=50)
-        train = split_stream(stream["train"], 1, held_documents)[0]
+        train = split_stream(stream["train"], 1, held_documents)[0][0]
         assert held_out == blocks["held_out_tokens"] and next(iter(train))["text"] == docs[last + 1]
         assert len(validation) == len(blocks["validation"])
         assert validation.tokens[:len(evaluated)].tolist() == evaluated.tolist()

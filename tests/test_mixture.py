@@ -273,6 +273,21 @@ def test_every_part_follows_the_weights_and_every_step_holds_the_mixture(encode,
         assert np.abs(after - before - share * samples_per_step).max() <= 1
 
 
+@pytest.mark.parametrize("readers", [3, 4])
+def test_parts_of_every_lth_document_resume_exactly_across_their_next_passes(encode, readers, monkeypatch):
+    """BIG's 4 shards in 3 parts and SMALL's 2 in 3 or 4: every L-th document, in a fixed order. After a
+    resume, each part's later passes start at the part's beginning again, not where the resume did
+    (read 2 documents at a time, so a part resumes from a `datasets` state inside its pass)."""
+    monkeypatch.setattr("utils.stream.DOCUMENTS_PER_BATCH", 2)
+    samples_per_step = 12 if readers == 3 else 4
+    blocks, position = take_and_save(mixed(encode, readers=readers, samples_per_step=samples_per_step), 240,
+                                     at=120, samples=120)
+    again = mixed(encode, readers=readers, samples_per_step=samples_per_step)
+    again.start_at(position)
+    assert take(again, 120) == blocks[120:]
+    assert again.anchors[max(again.anchors)]["parts"][0]["passes"][1] >= 2  # SMALL's part passed again after the resume
+
+
 def test_a_checkpoint_of_mixed_streams_before_parts_resumes_as_one_part(encode):
     blocks, position = take_and_save(mixed(encode), 120, at=80, samples=80)
     part = position.pop("parts")[0]

@@ -108,7 +108,7 @@ def test_validation_is_held_out_from_the_start_of_the_stream(shards, tokenizer, 
     raw = load_source(args.sources[0], streaming=True)["splits"]
     validation, held_documents, _ = hold_out_validation(raw, "text", document_encoder(tokenizer), 16, max_eval_samples=5)
     assert len(validation) == 5
-    texts = [d["text"] for d in split_stream(raw["train"], 1, held_documents)[0]]
+    texts = [d["text"] for d in split_stream(raw["train"], 1, held_documents)[0][0]]
     held_out = len(DOCS) // 3 - len(texts)  # just the documents that fill the validation blocks
     validation_tokens = document_encoder(tokenizer)(DOCS[:held_out])
     assert sum(map(len, validation_tokens[:-1])) < 5 * 16 <= sum(map(len, validation_tokens))
@@ -139,7 +139,10 @@ def test_each_part_of_a_stream_holds_its_own_documents_and_none_held_out_on_ever
     if max_eval_samples == 700:
         assert len(DOCS) // 6 < held_documents < 2 * len(DOCS) // 3
     parts, shuffle_shards = split_stream(raw["train"], readers, held_documents)
-    assert shuffle_shards == (len(files) % readers == 0)
+    shard_ends = np.cumsum([len(x) for x in np.array_split(np.arange(len(DOCS)), len(files))])
+    whole = shard_ends <= held_documents  # shards held out whole: a part of only those falls back to every L-th
+    by_shards = len(files) % readers == 0 and not any(all(whole[l::readers]) for l in range(readers))
+    assert shuffle_shards == by_shards
     streams = [StreamedBlocks(part, "text", None, 16, 1, 7, (l, readers), shuffle_shards) for l, part in enumerate(parts)]
     trained = sorted(DOCS[held_documents:])
     for passes in ([0] * readers, [1, 2, 0, 1][:readers], [3, 0, 2, 1][:readers]):  # parts at different passes
@@ -148,21 +151,34 @@ def test_each_part_of_a_stream_holds_its_own_documents_and_none_held_out_on_ever
             stream.set_epoch(epoch)
             texts.append([d["text"] for d in stream.documents()])
         assert sorted(text for part in texts for text in part) == trained  # each once, none held out
-        if len(files) % readers:
+        if not by_shards:
             assert all(abs(len(part) - len(texts[0])) <= 1 for part in texts)
         else:  # whole shards: part 1 holds shards 1, 1 + L, ... (less what was held out)
             ones = set().union(*(np.array_split(np.arange(len(DOCS)), len(files))[j] for j in range(1, len(files), readers)))
             assert sorted(texts[1]) == sorted(DOCS[i] for i in ones if i >= held_documents)
 
 
+def test_held_out_documents_filling_a_parts_shards_split_every_lth_document_instead(tokenizer):
+    """4 shards of 10 documents in 4 parts: 10 held out fill shard 0, part 0's only shard (ending
+    exactly at its last document), so the parts take every 4th document instead; 9 leave it one."""
+    source = Dataset.from_dict({"text": DOCS[:40]}).to_iterable_dataset(num_shards=4)
+    for held, by_shards in ((10, False), (9, True), (20, False)):
+        parts, shuffle_shards = split_stream(source, 4, held_documents=held)
+        texts = [[d["text"] for d in part] for part in parts]
+        assert shuffle_shards is by_shards and all(texts), held
+        assert sorted(t for part in texts for t in part) == sorted(DOCS[held:40])
+    parts, _ = split_stream(source, 2, held_documents=10)  # part 0 keeps shard 2: whole shards still
+    assert [d["text"] for d in parts[0]] == DOCS[20:30]
+
+
 def test_a_part_left_without_a_block_names_the_part_and_the_flag(tokenizer):
-    """The held-out documents fill shard 0, the one shard of part 1 of 2: it has nothing to train on."""
-    source = Dataset.from_dict({"text": DOCS[:40]}).to_iterable_dataset(num_shards=2)
-    parts, shuffle_shards = split_stream(source, 2, held_documents=20)
-    blocks = StreamedBlocks(parts[0], "text", document_encoder(tokenizer), 16, 1, 7, (0, 2), shuffle_shards)
-    with pytest.raises(UserError, match=r"part 1 of the training stream's 2 \(--stream_readers"):
+    """3 documents after the held-out ones, in 4 parts (every 4th document): part 4 holds none."""
+    source = Dataset.from_dict({"text": DOCS[:23]}).to_iterable_dataset(num_shards=3)
+    parts, shuffle_shards = split_stream(source, 4, held_documents=20)
+    blocks = StreamedBlocks(parts[3], "text", document_encoder(tokenizer), 16, 1, 7, (3, 4), shuffle_shards)
+    with pytest.raises(UserError, match=r"part 4 of the training stream's 4 \(--stream_readers"):
         ids(blocks)
-    assert ids(StreamedBlocks(parts[1], "text", document_encoder(tokenizer), 16, 1, 7, (1, 2), shuffle_shards))
+    assert ids(StreamedBlocks(parts[0], "text", document_encoder(tokenizer), 4, 1, 7, (0, 4), shuffle_shards))
 
 
 # --- End to end: `accelerate launch train.py --streaming` ---------------------------------------

@@ -55,7 +55,8 @@ def stream_readers(requested, saved_position, num_processes, process_index, samp
     """(L, the parts this process reads): L = --stream_readers, or the resumed checkpoint's, or the
     process count. Each of P processes reads L / P parts when P divides L; else every part is read on
     the main process (the others hold the order but never read it: accelerate dispatches the batches)."""
-    saved = (saved_position or {}).get("readers", 1) if saved_position else None
+    streamed = saved_position and ("stream_state" in saved_position or "drawn" in saved_position)  # a stream's
+    saved = saved_position.get("readers", 1) if streamed else None
     if requested and saved and requested != saved:
         raise UserError(f"--stream_readers {requested}, but the checkpoint's streams were read in {saved} parts (the "
                         f"data order depends on it): drop --stream_readers to resume with {saved}")
@@ -80,28 +81,33 @@ def split_stream(train, readers, held_documents=0):
     if readers == 1:
         return [train.skip(held_documents) if held_documents else train], True
     if train.num_shards % readers == 0:
-        skips = _held_out_per_part(train, readers, held_documents)
-        parts = [train.shard(readers, l, contiguous=False) for l in range(readers)]
-        return [part.skip(skip) if skip else part for part, skip in zip(parts, skips)], True
+        skips, whole = _held_out_per_part(train, readers, held_documents)
+        if not any(all(whole[l::readers]) for l in range(readers)):  # else a part would hold nothing to train on
+            parts = [train.shard(readers, l, contiguous=False) for l in range(readers)]
+            return [part.skip(skip) if skip else part for part, skip in zip(parts, skips)], True
     rest = train.skip(held_documents) if held_documents else train  # skip, then every L-th: nothing held out
     return [split_dataset_by_node(rest, l, readers, strategy="examples") for l in range(readers)], False
 
 
 def _held_out_per_part(train, readers, held_documents):
-    """How many of its first documents each part holds out, when part l holds shards l, l+L, ...: the
-    held-out documents are the stream's first ones, so shard j's held-out count is counted by reading
-    shard j's beginning (the held-out documents again, no more)."""
-    skips, left = [0] * readers, held_documents
+    """(how many of its first documents each part holds out, whether each shard is held out whole),
+    when part l holds shards l, l+L, ...: the held-out documents are the stream's first ones, so shard
+    j's count is counted by reading shard j's beginning (the held-out documents again, no more)."""
+    skips, whole, left = [0] * readers, [False] * train.num_shards, held_documents
     for j in range(train.num_shards):
         if left == 0:
             break
-        for batch in train.shard(train.num_shards, j, contiguous=True).iter(batch_size=DOCUMENTS_PER_BATCH):
-            taken = min(left, len(next(iter(batch.values()))))
-            skips[j % readers] += taken
-            left -= taken
-            if left == 0:
+        batches = iter(train.shard(train.num_shards, j, contiguous=True).iter(batch_size=DOCUMENTS_PER_BATCH))
+        for batch in batches:
+            documents = len(next(iter(batch.values())))
+            taken = min(left, documents)
+            skips[j % readers], left = skips[j % readers] + taken, left - taken
+            if left == 0:  # the held-out documents end in this shard: at its very end?
+                whole[j] = taken == documents and next(batches, None) is None
                 break
-    return skips
+        else:
+            whole[j] = True
+    return skips, whole
 
 
 def hold_out_validation(raw, text_column, encode, block_size, max_eval_samples=None, validation_split_percentage=5,
@@ -225,8 +231,8 @@ class StreamedBlocks(IterableDataset):
 
     def documents(self):
         """The documents of this epoch's pass, in the order it reads them (a `datasets` IterableDataset)."""
-        if not self.shuffle_shards:
-            return self.source
+        if not self.shuffle_shards:  # a new dataset per pass: one a state was loaded into starts every pass there
+            return self.source.with_format(None)
         stream = self.source.shuffle(seed=self.seed, buffer_size=1)  # the shard order by seed + epoch, nothing buffered
         stream.set_epoch(self.epoch)
         return stream
