@@ -28,8 +28,9 @@ from utils.generate import generate
 from utils.hub import push_to_hub, set_generation_ids, write_model_card
 from utils.loss import token_losses
 from utils.metrics import TrainingMetrics, device_peak_flops, perplexity, tracker_init_kwargs, trackers
-from utils.model import build_model, load_base_config, model_config, parameter_count, training_flops_per_token
-from utils.optim import build_optimizer, build_scheduler
+from utils.model import (build_model, initialize_shards, load_base_config, model_config, parameter_count,
+                         training_flops_per_token)
+from utils.optim import build_optimizer, build_scheduler, regroup_parameters
 from utils.distributed import preflight
 from utils.report import sources_text, write_report
 from utils.sources import load_source
@@ -92,6 +93,8 @@ def main(argv=None):
     with plan.model_init_context(accelerator, config):  # ZeRO-3: each process builds only its shard
         model = build_model(config, args.model_name_or_path, args.seed, args.gradient_checkpointing,
                             args.attn_implementation)
+    if plan.init_on_meta:  # the meta device gave each use of a shared tensor its own: share them again
+        model.tie_weights()
     flops_per_token = training_flops_per_token(model, args.block_size)  # before sharding hides parameters
     n_params = parameter_count(model)
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, (args.adam_beta1, args.adam_beta2))
@@ -101,6 +104,10 @@ def main(argv=None):
     # accelerate's mixed precision also copies every output to fp32, the whole batch's logits included:
     # take its wrapper off and autocast the forward passes here (the loss upcasts a slice at a time)
     accelerator.unwrap_model(model, keep_fp32_wrapper=False)
+    if plan.init_on_meta:  # FSDP2 from scratch: sharded while empty; each process fills only its shards
+        initialize_shards(accelerator.unwrap_model(model, keep_torch_compile=False), args.seed,
+                          plan.shard_device(accelerator))
+        regroup_parameters(optimizer, model)  # accelerate matched them by storage address, which meta ones lack
     lr_scheduler = build_scheduler(optimizer, args.lr_scheduler_type, args.num_warmup_steps, max_steps, args.min_lr_ratio)
     accelerator.register_for_checkpointing(lr_scheduler)
     accelerator.print(f"model: {n_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs/token | "

@@ -37,6 +37,7 @@ def preflight(args, env=os.environ):
         env["ACCELERATE_USE_FSDP"] = "true"
     env.pop("ACCELERATE_USE_CPU", None)  # set for CPU DDP; it would turn the run back into MULTI_CPU
     plan.sharded_parameters = True  # generate() in lock-step, as under FSDP on GPUs
+    plan.init_on_meta = not args.model_name_or_path  # as preflight plans FSDP2 from scratch
     return plan
 
 

@@ -97,6 +97,7 @@ def test_two_processes_match_save_and_resume(name, tmp_path, corpus, baseline, r
     # same initial weights (zero.Init and FSDP2 included) and with the same weight decay.
     assert_ran_as(out, 2, name)
     assert_same_losses(train_losses(out), baseline)
+    assert results(out)["init_on_meta"] is (name == "fsdp2")  # FSDP2: built empty, each process fills its shards
 
     # Save: the weights gathered under this config reload in a plain process with the same loss.
     res = results(out)
@@ -110,6 +111,20 @@ def test_two_processes_match_save_and_resume(name, tmp_path, corpus, baseline, r
     again, original = train_losses(resumed), train_losses(out)
     assert max(abs(again[s] - original[s]) for s in range(4, 9)) < 1e-6
     assert results(resumed)["eval_loss"] == pytest.approx(res["eval_loss"], abs=1e-6)
+
+
+def test_fsdp2_from_the_meta_device_trains_tied_gpt2_as_one_process(tmp_path, corpus):
+    """GPT-2's tied embeddings under accelerate's own FSDP2 units (the embedding, the tail, each block):
+    built empty, each process fills its shards, and it trains as one process with the same parameter
+    count (uneven shards: tests/test_init.py::test_fsdp2_from_the_meta_device_gives_the_same_weights)."""
+    def args(out, micro):
+        return [*train_args(corpus, out), "--model_preset", "gpt2-tiny", "--per_device_train_batch_size", micro]
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch(args(one, 8))
+    launch(args(two, 4), num_processes=2, config_file="fsdp.yaml")
+    assert_ran_as(two, 2, "fsdp2")
+    assert results(two)["init_on_meta"] and results(two)["parameters"] == results(one)["parameters"]
+    assert_same_losses(train_losses(two), train_losses(one))
 
 
 def test_deepspeed_accumulation_matches_too(tmp_path, corpus, baseline):

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
+from accelerate import init_empty_weights
 from accelerate.utils import InitProcessGroupKwargs
 
 from utils.errors import UserError
@@ -29,6 +30,7 @@ class Plan:
     gradient_accumulation_steps: int
     zero_stage: int | None = None
     sharded_parameters: bool = False
+    init_on_meta: bool = False  # FSDP2 from scratch: build empty, shard, then fill each shard (utils/model.py)
     kwargs_handlers: list = field(default_factory=list)
 
     def samples_per_step(self, accelerator):
@@ -40,6 +42,8 @@ class Plan:
         if accelerator.state.deepspeed_plugin is not None:
             # the train loader has a batch sampler, so accelerate cannot read the micro-batch off it
             accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = self.micro_batch
+        if self.init_on_meta:  # no weights on rank 0 to broadcast: each process initializes its own shards
+            accelerator.state.fsdp_plugin.cpu_ram_efficient_loading = False
         if accelerator.num_processes != self.world_size:
             raise UserError(f"accelerate started {accelerator.num_processes} process(es) but the launcher asked for "
                             f"{self.world_size}: on CPU use an accelerate config with distributed_type MULTI_GPU and "
@@ -49,13 +53,25 @@ class Plan:
                             f"preflight planned {self.gradient_accumulation_steps}: remove gradient_accumulation_steps "
                             "from the accelerate config and use the flags")
 
+    def shard_device(self, accelerator):
+        """Where FSDP2 keeps the sharded parameters: the CPU under its offload policy, else the device."""
+        from torch.distributed.fsdp import CPUOffloadPolicy
+
+        offloaded = isinstance(accelerator.state.fsdp_plugin.cpu_offload, CPUOffloadPolicy)
+        return torch.device("cpu") if offloaded else accelerator.device
+
     @contextlib.contextmanager
     def model_init_context(self, accelerator, config):
-        """Under ZeRO-3, build the model directly sharded (zero.Init) only when the config's
-        zero3_init_flag asks for it. accelerate registers every ZeRO-3 config with transformers,
+        """Under FSDP2 from scratch, build the model on the meta device (train.py then shards it and
+        fills each shard: utils/model.py initialize_shards). Under ZeRO-3, build the model directly
+        sharded (zero.Init) only when the config's zero3_init_flag asks for it. accelerate registers every ZeRO-3 config with transformers,
         which then uses zero.Init (and other random draws) even when the flag is false.
         The model's code is imported first, outside zero.Init (utils/model.py import_model_code)."""
         import_model_code(config)
+        if self.init_on_meta:  # parameters on the meta device (nothing allocated), buffers for real
+            with init_empty_weights(include_buffers=False):
+                yield
+            return
         plugin = accelerator.state.deepspeed_plugin
         if plugin is None or plugin.zero3_init_flag:
             yield
@@ -81,7 +97,8 @@ class Plan:
         return dict(num_processes=accelerator.num_processes, distributed_type=accelerator.distributed_type.value,
                     mixed_precision=accelerator.mixed_precision, zero_stage=self.zero_stage,
                     gradient_accumulation_steps=accelerator.gradient_accumulation_steps,
-                    global_batch_size=self.samples_per_step(accelerator), micro_batch_size=self.micro_batch)
+                    global_batch_size=self.samples_per_step(accelerator), micro_batch_size=self.micro_batch,
+                    init_on_meta=self.init_on_meta)
 
     def tracker_config(self, args):
         """The run config as flat scalars (TensorBoard's hparams take no None or lists)."""
@@ -108,6 +125,7 @@ def preflight(args, env=os.environ):
         _check_deepspeed(args, ds_config, ds_file, mixed, micro * accumulation * world_size)
         plan.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 0)))
     plan.sharded_parameters = plan.zero_stage == 3 or fsdp
+    plan.init_on_meta = fsdp and env.get("FSDP_VERSION", "1") == "2" and not args.model_name_or_path  # FSDP2 only
     if not torch.cuda.is_available():
         if fsdp:
             raise UserError("the FSDP config needs GPUs (on CPU accelerate silently trains without sharding): "

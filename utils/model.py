@@ -4,11 +4,12 @@ The model class is transformers' own and stays untouched; precision, sharding an
 are applied from outside by accelerate.
 """
 
-import copy
 import hashlib
 from contextlib import nullcontext
 
 import torch
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, LlamaConfig
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -104,7 +105,8 @@ def build_model(config, pretrained=None, seed=0, gradient_checkpointing=False, a
         model = AutoModelForCausalLM.from_pretrained(pretrained, config=config, attn_implementation=attention)
     else:
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attention)
-        initialize_by_name(model, seed)
+        if not next(model.parameters()).is_meta:  # on the meta device: initialized once sharded (initialize_shards)
+            initialize_by_name(model, seed)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.loss_function = causal_lm_loss  # the same loss, its fp32 logits a slice at a time (utils/loss.py)
@@ -132,11 +134,12 @@ def initialize_by_name(model, seed):
 
     The model's own `_init_weights` rules (transformers') run on a CPU copy of one module at a time,
     with the random generator seeded from (seed, module name), and the result is copied in. So DDP,
-    FSDP2 and ZeRO-3 with zero.Init (where each process holds only a shard, and transformers draws
-    the weights in another order) start from bit-identical weights, whatever the process count or
-    device. Under zero.Init one module's parameters are gathered at a time, so memory stays flat.
-    Modules run children first, as in transformers, so a parent that re-initializes a child's
-    weights (GPT-2's scaled projections) has the last word.
+    FSDP2 (each process copies its own shard of a DTensor) and ZeRO-3 with zero.Init (where each
+    process holds only a shard, and transformers draws the weights in another order) start from
+    bit-identical weights, whatever the process count or device. Under zero.Init one module's
+    parameters are gathered at a time, so memory stays flat. Modules run children first, as in
+    transformers, so a parent that re-initializes a child's weights (GPT-2's scaled projections) has
+    the last word.
     """
     zero3 = any(hasattr(p, "ds_id") for p in model.parameters())
     if zero3:
@@ -146,6 +149,7 @@ def initialize_by_name(model, seed):
         params = _direct_and_child_params(module)  # a parent's rule may re-initialize its children's weights
         if not params:
             continue
+        name = ".".join(part for part in name.split(".") if part not in _WRAPPERS)  # the model's own names
         gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=0) if zero3 else nullcontext()
         with gathered, torch.no_grad():
             if zero3 and rank != 0:  # rank 0's values are scattered to the shards on exit
@@ -156,10 +160,44 @@ def initialize_by_name(model, seed):
                 model._init_weights(twin)
             for real, fresh in zip(params, _direct_and_child_params(twin)):
                 touched = ~torch.isnan(fresh)  # NaN: left alone by this module's rule
+                if not touched.any():
+                    continue
+                if isinstance(real, DTensor):  # an FSDP2 shard: this process's part of the whole tensor
+                    fresh = distribute_tensor(fresh, real.device_mesh, real.placements, src_data_rank=None).to_local()
+                    real, touched = real.to_local(), ~torch.isnan(fresh)
                 if touched.all():
                     real.copy_(fresh)
                 elif touched.any():
                     real[touched.to(real.device)] = fresh[touched].to(real.dtype).to(real.device)
+
+
+def initialize_shards(model, seed, device):
+    """FSDP2 from scratch: the model was built on the meta device and sharded there, so no process
+    allocated more than its shards. Allocate them on `device` and initialize them by the same
+    (seed, name) rule as one process's build (initialize_by_name). Buffers (rotary frequencies) were
+    built for real, outside the meta device, and stay where FSDP put them."""
+    buffers = {name: buffer for name, buffer in model.named_buffers()}
+    model.to_empty(device=device)  # parameters keep their objects (a tie survives); buffers are replaced
+    for name, buffer in buffers.items():
+        owner, _, local = name.rpartition(".")
+        model.get_submodule(owner)._buffers[local] = buffer
+    with torch.no_grad():
+        for param in model.parameters():  # NaN until a rule sets it, so a parameter no rule covers is caught
+            (param.to_local() if isinstance(param, DTensor) else param).fill_(float("nan"))
+    initialize_by_name(model, seed)
+    with torch.no_grad():
+        missed = [name for name, param in model.named_parameters()
+                  if torch.isnan(param.to_local() if isinstance(param, DTensor) else param).any()]
+    if torch.distributed.is_initialized():  # every process stops, not only one whose shard no rule covered
+        everywhere = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(everywhere, missed)
+        missed = sorted(set().union(*everywhere))
+    if missed:
+        raise RuntimeError(f"the model's _init_weights leaves {', '.join(missed[:3])} unset: build it off the meta "
+                           "device (utils/distributed.py Plan.init_on_meta)")
+
+
+_WRAPPERS = {"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"}  # torch.compile, checkpointing
 
 
 def _direct_and_child_params(module):
@@ -170,7 +208,11 @@ def _cpu_twin(module):
     """A shallow copy of `module` and its direct children whose parameters are fresh NaN-filled fp32
     CPU tensors of the real shapes (ds_shape under zero.Init); buffers are shared."""
     def twin_of(m, depth):
-        twin = copy.copy(m)
+        cls = type(m)
+        if isinstance(m, FSDPModule):  # FSDP2 swaps in a subclass, which cannot be copied: the model's own
+            cls = cls.__mro__[cls._orig_cls_mro_index]
+        twin = object.__new__(cls)  # a shallow copy, as copy.copy makes
+        twin.__dict__.update(m.__dict__)
         twin._parameters = {k: None if p is None else torch.nn.Parameter(
             torch.full(tuple(getattr(p, "ds_shape", p.shape)), float("nan")), requires_grad=False)
             for k, p in m._parameters.items()}

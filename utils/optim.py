@@ -21,6 +21,15 @@ def parameter_groups(model, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def regroup_parameters(optimizer, model):
+    """Point the optimizer's groups at `model`'s parameters again. accelerate's FSDP2 prepare swaps in
+    the sharded parameters matched by storage address, which a model built on the meta device does
+    not have (every address is 0): the groups are rebuilt by the same rule, before any step."""
+    groups = parameter_groups(model, 0.0)
+    for group, fresh in zip(optimizer.param_groups, groups, strict=True):
+        group["params"] = fresh["params"]
+
+
 def build_optimizer(model, lr, weight_decay, betas):
     # fused kernels on GPU, else foreach (one multi-tensor launch per group instead of one per tensor)
     fused = torch.cuda.is_available() and "fused" in inspect.signature(torch.optim.AdamW).parameters
