@@ -19,6 +19,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +33,7 @@ def parse():
     p.add_argument("--vocab", type=int, default=32_000)
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--worker", choices=["before", "after"], help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
     return p.parse_args()
 
 
@@ -67,16 +69,17 @@ def worker(args):
     held = sum(p.to_local().numel() for p in model.parameters())
     result = {"rank": dist.get_rank(), "added_mib": peak_mib() - base, "held_mib": held * 4 / 2**20,
               "parameters": sum(p.numel() for p in model.parameters()), "seconds": time.perf_counter() - start}
+    Path(args.out, f"{dist.get_rank()}.json").write_text(json.dumps(result))
     dist.barrier()
-    print("RESULT " + json.dumps(result), flush=True)
     os._exit(0)  # gloo's teardown sometimes aborts a finished run
 
 
 def run(mode, args, port):
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.processes),
-                          "--master_port", str(port), __file__, "--worker", mode, "--preset", args.preset,
-                          "--vocab", str(args.vocab)], capture_output=True, text=True, cwd=ROOT)
-    results = [json.loads(line.split("RESULT ", 1)[1]) for line in out.stdout.splitlines() if "RESULT " in line]
+    with tempfile.TemporaryDirectory() as folder:
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.processes),
+                              "--master_port", str(port), __file__, "--worker", mode, "--preset", args.preset,
+                              "--vocab", str(args.vocab), "--out", folder], capture_output=True, text=True, cwd=ROOT)
+        results = [json.loads(path.read_text()) for path in sorted(Path(folder).glob("*.json"))]
     if len(results) != args.processes:
         raise SystemExit(f"{mode} failed:\n{out.stderr[-3000:]}")
     return sorted(results, key=lambda r: r["rank"])
