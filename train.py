@@ -25,6 +25,7 @@ from utils.data import (IGNORE_INDEX, build_dataloaders, data_signature, load_to
 from utils.faults import EXIT_PREEMPTED, NonFiniteGuard, StopSignal
 from utils.files import write_atomic
 from utils.generate import generate
+from utils.export import save_model
 from utils.hub import push_to_hub, set_generation_ids, write_model_card
 from utils.loss import token_losses
 from utils.metrics import TrainingMetrics, device_peak_flops, perplexity, tracker_init_kwargs, trackers
@@ -273,10 +274,11 @@ def save_and_exit(accelerator, checkpointer, state, saved, stop):
 def finish(model, tokenizer, accelerator, args, plan, state, eval_loss, run_facts):
     """Save a Hugging Face model, results.json, the model card and report, and show a sample."""
     accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     set_generation_ids(unwrapped, tokenizer)  # generation_config.json stops at EOS and pads with the tokenizer's ids
-    unwrapped.save_pretrained(args.output_dir, is_main_process=accelerator.is_main_process,
-                              save_function=accelerator.save, state_dict=accelerator.get_state_dict(model))
+    if plan.zero_stage == 3:  # evaluation's prefetch can leave parameters in flight: gathering needs them at rest
+        model.empty_partition_cache()
+    save_model(unwrapped, args.output_dir)  # every process writes its share: none holds the whole model
     with accelerator.autocast():  # sharded parameters (ZeRO-3, FSDP): every process generates in lock-step
         sample = generate(unwrapped, tokenizer, args.sample_prompt, args.sample_max_new_tokens, seed=args.seed,
                           synced_gpus=plan.sharded_parameters)[0]

@@ -6,6 +6,7 @@ exactly, and resume on another number of processes.
 Run alone with `python -m pytest -m distributed`.
 """
 
+import json
 import shutil
 
 import pytest
@@ -99,8 +100,15 @@ def test_two_processes_match_save_and_resume(name, tmp_path, corpus, baseline, r
     assert_same_losses(train_losses(out), baseline)
     assert results(out)["init_on_meta"] is (name == "fsdp2")  # FSDP2: built empty, each process fills its shards
 
-    # Save: the weights gathered under this config reload in a plain process with the same loss.
+    # Save: each process wrote whole tensors of about half the model (none gathered it all), and the
+    # files reload in a plain process with the same loss.
     res = results(out)
+    shards = sorted(out.glob("model-*-of-00002.safetensors"))
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(shards) == 2 and not (out / "model.safetensors").exists()
+    assert set(index["weight_map"].values()) == {p.name for p in shards}
+    sizes = [p.stat().st_size for p in shards]
+    assert min(sizes) > 0.3 * sum(sizes), sizes
     assert saved_model_eval_loss(out, corpus) == pytest.approx(res["eval_loss"], abs=1e-5)
 
     # Resume under the same config from the checkpoint at step 3: steps 4-8 come out the same.
