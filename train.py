@@ -7,6 +7,7 @@ The same script runs on a CPU, one GPU, multi-GPU DDP, FSDP and DeepSpeed ZeRO 1
 accelerate config file decides processes, precision and sharding. Flags: `python train.py -h`.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from utils.generate import generate
 from utils.export import save_model
 from utils.hub import push_to_hub, set_generation_ids, write_model_card
 from utils.loss import token_losses
+from utils.offload import ActivationOffloading
 from utils.metrics import TrainingMetrics, device_peak_flops, perplexity, tracker_init_kwargs, trackers
 from utils.model import (build_model, initialize_shards, load_base_config, model_config, parameter_count,
                          training_flops_per_token)
@@ -133,6 +135,7 @@ def main(argv=None):
     nonfinite = NonFiniteGuard(args.max_nonfinite_steps, loss_scaling=accelerator.mixed_precision == "fp16",
                                scaler=accelerator.scaler)
     eval_loss = None
+    offload = ActivationOffloading if args.activation_offloading else contextlib.nullcontext  # to CPU memory
 
     # ---- Training loop ----
     model.train()
@@ -146,7 +149,7 @@ def main(argv=None):
             predicted = accelerator.reduce(sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in micro_batches))
             for batch in micro_batches:
                 with accelerator.accumulate(model):  # input_ids, labels (and position_ids: document masking)
-                    with accelerator.autocast():  # the config's mixed precision (none: a no-op; DeepSpeed: its own)
+                    with accelerator.autocast(), offload():  # the config's mixed precision; saved activations
                         loss = model(**batch, use_cache=False, num_items_in_batch=predicted).loss  # summed / predicted
                     accelerator.backward(loss * averaged_over)  # undo the means over micro-batches and processes
                     if accelerator.sync_gradients:  # the step's last micro-batch; clip to inf = just measure the norm

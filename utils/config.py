@@ -123,6 +123,9 @@ def build_parser():
              "0 turns the check and its once-per-step host sync off")
     add("--torch_compile", action="store_true", help="compile the model with torch.compile (inductor)")
     add("--gradient_checkpointing", action="store_true", help="trade ~30%% more compute for much less activation memory")
+    add("--activation_offloading", action="store_true",
+        help="keep the activations saved for backward in CPU memory, not on the GPU (weights stay); with or without "
+             "--gradient_checkpointing (then only each layer's input is offloaded)")
     add("--ddp_timeout", type=int, default=1800,
         help="seconds a collective may wait (NCCL/gloo) before the run fails; raise it for slow checkpoint saves")
     add("--eval_only", action="store_true",
