@@ -102,6 +102,22 @@ def saved_model_eval_loss(model_dir, train_file, block_size=32):
     return torch.stack(losses).mean().item()
 
 
+def saved_weights(model_dir):
+    """The final model's tensors by name, from model.safetensors or from the shards its index names
+    (a run on several processes: utils/export.py)."""
+    from safetensors.torch import load_file
+
+    model_dir = Path(model_dir)
+    if (model_dir / "model.safetensors").exists():
+        return load_file(str(model_dir / "model.safetensors"))
+    index = json.loads((model_dir / "model.safetensors.index.json").read_text())
+    weights = {}
+    for name in sorted(set(index["weight_map"].values())):
+        weights.update(load_file(str(model_dir / name)))
+    assert weights.keys() == index["weight_map"].keys()
+    return weights
+
+
 def read_metrics(output_dir):
     with open(Path(output_dir) / "metrics.jsonl") as f:
         return [json.loads(line) for line in f]

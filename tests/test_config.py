@@ -88,12 +88,21 @@ def test_preflight_makes_nccl_raise_instead_of_hang_and_keeps_the_users_value():
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusals are for CPU-only machines")
 @pytest.mark.parametrize("env, message", [
-    ({"ACCELERATE_USE_FSDP": "true"}, "the FSDP config needs GPUs"),
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "the FSDP config needs GPUs"),
     ({"ACCELERATE_MIXED_PRECISION": "fp16"}, "mixed_precision fp16 needs a GPU"),
 ])
 def test_settings_accelerate_ignores_on_cpu_are_refused(env, message):
     with pytest.raises(UserError, match=message):
         preflight(parse_args([]), env={"WORLD_SIZE": "2", **env})
+
+
+@pytest.mark.parametrize("version", [None, "1"])
+def test_an_fsdp1_config_is_refused_naming_the_fix(version):
+    """FSDP1 (accelerate's default without fsdp_version) is neither built from the meta device nor
+    saved by every process here: refused before any work, on any machine."""
+    env = {"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true", **({"FSDP_VERSION": version} if version else {})}
+    with pytest.raises(UserError, match="set fsdp_version: 2"):
+        preflight(parse_args([]), env=env)
 
 
 def deepspeed_env(tmp_path, ds_config, mixed="no", world=2):

@@ -14,9 +14,8 @@ import time
 
 import psutil
 import pytest
-from safetensors.torch import load_file
 
-from conftest import ROOT, TINY, launch, launch_command, train_losses
+from conftest import ROOT, TINY, launch, launch_command, saved_weights, train_losses
 
 pytestmark = pytest.mark.distributed
 CONFIGS = {"ddp": "multi_cpu.yaml", "zero2": "deepspeed_zero2.yaml"}
@@ -78,7 +77,7 @@ def assert_same_weights(out, reference):
     res = json.loads((out / "results.json").read_text())
     assert (res["num_processes"], res["mixed_precision"]) == (2, "no")
     assert res["distributed_type"] == json.loads((reference / "results.json").read_text())["distributed_type"]
-    ours, theirs = load_file(str(out / "model.safetensors")), load_file(str(reference / "model.safetensors"))
+    ours, theirs = saved_weights(out), saved_weights(reference)
     assert ours.keys() == theirs.keys()
     worst = max((ours[k] - theirs[k]).abs().max().item() for k in ours)
     assert worst < 1e-6, f"final weights differ from the uninterrupted run by up to {worst:.2e}"

@@ -125,7 +125,10 @@ def preflight(args, env=os.environ):
         _check_deepspeed(args, ds_config, ds_file, mixed, micro * accumulation * world_size)
         plan.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 0)))
     plan.sharded_parameters = plan.zero_stage == 3 or fsdp
-    plan.init_on_meta = fsdp and env.get("FSDP_VERSION", "1") == "2" and not args.model_name_or_path  # FSDP2 only
+    plan.init_on_meta = fsdp and not args.model_name_or_path
+    if fsdp and env.get("FSDP_VERSION", "1") != "2":
+        raise UserError("the FSDP config asks for FSDP1 (fsdp_version 1, accelerate's default), which this script does "
+                        "not build or save: set fsdp_version: 2 in it, as accelerate_configs/fsdp.yaml does")
     if not torch.cuda.is_available():
         if fsdp:
             raise UserError("the FSDP config needs GPUs (on CPU accelerate silently trains without sharding): "

@@ -5,8 +5,11 @@ bytes) to `model-0000r-of-0000P.safetensors`, and the main process adds the inde
 the generation config: no process holds more than its share plus the tensor being gathered (FSDP2's
 DTensors and ZeRO-3's partitions are made whole one tensor at a time, on every process, as each
 needs), and the files are written in parallel. One process writes `model.safetensors`, as
-`save_pretrained` does. Tensors keep the dtype training holds them in; a tied weight is written once,
-under its first name, and `from_pretrained` ties it again.
+`save_pretrained` does. Tensors keep the dtype training holds them in (config.json records it, with
+the architecture); a tied weight is written once, under its first name, and `from_pretrained` ties it
+again. A model that transformers holds in another layout than it stores (MoE experts fused) is
+reverted as a whole, so rank 0 gathers and writes all of it. The new files appear under temporary
+names first; only when every process has written its own are older weight files replaced.
 """
 
 import json
@@ -15,10 +18,13 @@ from contextlib import nullcontext
 
 import torch
 from safetensors.torch import save_file
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import PrefixChange, revert_weight_conversion
 from transformers.dynamic_module_utils import custom_object_save
 
-from utils.files import write_atomic
+from utils.files import publish, write_atomic
 
 INDEX = "model.safetensors.index.json"
 
@@ -29,35 +35,57 @@ def save_model(model, output_dir):
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
     names, tensors = _saved_tensors(model)
-    owners = _shares([_numel(t) * t.element_size() for t in tensors], world)
-    files = ["model.safetensors"] if world == 1 else [f"model-{r + 1:05d}-of-{world:05d}.safetensors"
-                                                      for r in range(world)]
-    if rank == 0:
-        _remove_weights(output_dir)  # another run's files would be loaded instead, or beside, these
-    if distributed:
-        torch.distributed.barrier()
+    whole_on_rank_0 = _stored_in_another_layout(model)
+    sizes = [_numel(t) * t.element_size() for t in tensors]
+    owners = [0] * len(tensors) if whole_on_rank_0 else _shares(sizes, world)
+    files = ["model.safetensors"] if world == 1 or whole_on_rank_0 else [
+        f"model-{r + 1:05d}-of-{world:05d}.safetensors" for r in range(world)]
     mine = {}
-    for name, tensor, owner in zip(names, tensors, owners):
-        whole = _whole(tensor, keep=owner == rank)  # a collective for sharded tensors: every process, every tensor
-        if owner == rank:
-            mine[name] = whole
+    with torch.no_grad():
+        for name, tensor, owner in zip(names, tensors, owners):
+            whole = _whole(tensor, keep=owner == rank)  # a collective for sharded tensors: every process, each tensor
+            if owner == rank:
+                mine[name] = whole
+    if whole_on_rank_0 and rank == 0:
+        mine = revert_weight_conversion(model, mine)
     if mine:  # a model of fewer tensors than processes leaves some without any
         save_file(mine, os.path.join(output_dir, files[rank] + ".tmp"), metadata={"format": "pt"})
-        os.replace(os.path.join(output_dir, files[rank] + ".tmp"), os.path.join(output_dir, files[rank]))
     if distributed:
-        torch.distributed.barrier()
+        torch.distributed.barrier()  # every share written: now the older files may go
     if rank == 0:
-        if world > 1:
-            total = sum(_numel(t) * t.element_size() for t in tensors)
+        _remove_weights(output_dir)  # another run's files would be loaded instead of, or beside, these
+        for name in files:
+            if os.path.exists(os.path.join(output_dir, name + ".tmp")):
+                publish(os.path.join(output_dir, name + ".tmp"), os.path.join(output_dir, name))
+        if len(files) > 1:
             write_atomic(os.path.join(output_dir, INDEX), json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": {n: files[o] for n, o in zip(names, owners)}},
+                {"metadata": {"total_size": sum(sizes)}, "weight_map": {n: files[o] for n, o in zip(names, owners)}},
                 indent=2))
+        model.config.architectures = [_model_class(model).__name__]  # as save_pretrained records them
+        model.config.dtype = next((t.dtype for t in tensors if t.is_floating_point()), model.config.dtype)
         model.config.save_pretrained(output_dir)
         if model.can_generate():
             model.generation_config.save_pretrained(output_dir)
         if getattr(model.config, "auto_map", None):  # a model with its own code: the code goes with it
             custom_object_save(model, output_dir, config=model.config)
+    if distributed:
+        torch.distributed.barrier()
     return files
+
+
+def _stored_in_another_layout(model):
+    """Whether transformers converts this model's weights between how it holds and how it stores them
+    (save_pretrained's revert_weight_conversion, which needs the whole state dict at once)."""
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions is None:  # built here, not loaded: the model type's own mapping, as save_pretrained finds it
+        conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False)
+                       if not isinstance(c, PrefixChange)]
+    return bool(conversions)
+
+
+def _model_class(model):
+    """The model's own class (FSDP2 swaps in a subclass named FSDP...)."""
+    return next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule))
 
 
 def _saved_tensors(model):
@@ -93,7 +121,7 @@ def _whole(tensor, keep):
         if tensor.device.type != tensor.device_mesh.device_type:  # offloaded to the CPU: gathered on the device
             tensor = tensor.to(tensor.device_mesh.device_type)
         whole = tensor.full_tensor()
-        return whole.detach().cpu().contiguous() if keep else None
+        return whole.cpu().contiguous() if keep else None
     if hasattr(tensor, "ds_id"):  # ZeRO-3: all processes gather the partition, for one tensor
         import deepspeed
 
@@ -101,7 +129,7 @@ def _whole(tensor, keep):
     else:
         context = nullcontext()
     with context:
-        return tensor.detach().cpu().clone().contiguous() if keep else None
+        return tensor.detach().to("cpu", copy=True).contiguous() if keep else None
 
 
 def _remove_weights(output_dir):

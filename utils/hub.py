@@ -1,6 +1,6 @@
 """OUTPUT_DIR as a Hugging Face Hub model repository: generation ids, a model card, the upload.
 
-A finished run's OUTPUT_DIR holds config.json, model.safetensors, the tokenizer files,
+A finished run's OUTPUT_DIR holds config.json, model.safetensors (or its shards and index), the tokenizer files,
 generation_config.json and a model card (README.md), so `--push_to_hub` uploads it as it is and
 `from_pretrained` / `pipeline` load it from the Hub or from disk alike.
 """
@@ -18,6 +18,7 @@ from utils.report import batch_math, config_table, describe_data, load_run, metr
 # size) and wandb's offline run files (`wandb sync` uploads those). TensorBoard logs go along: the
 # Hub shows them in the repository's "Training metrics" tab.
 UPLOAD_IGNORE = ["checkpoints/*", "wandb/*", "*.tmp*"]
+WEIGHT_FILES = ["model*.safetensors", "model.safetensors.index.json", "pytorch_model*"]  # replaced on upload
 
 
 def check_can_push():
@@ -82,6 +83,7 @@ def push_to_hub(output_dir, repo_id, api=None):
         url = api.create_repo(repo_id, exist_ok=True)
         write_model_card(output_dir, url.repo_id)  # its usage example now names the full repository id
         api.upload_folder(repo_id=url.repo_id, folder_path=output_dir, ignore_patterns=UPLOAD_IGNORE,
+                          delete_patterns=WEIGHT_FILES,  # an earlier upload's weights would load instead of these
                           commit_message="Upload model trained with clm-train")
     except Exception as e:  # network, authentication and permission errors each have their own type
         reason = (str(e).strip().splitlines() or [""])[0][:200]
