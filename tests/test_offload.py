@@ -30,22 +30,66 @@ def test_offloaded_activations_give_the_same_gradients_and_leave_the_weights(che
     model.train()
     ids = torch.randint(0, 256, (2, 32))
     loss, plain = gradients(model, ids)
-    packed = []
     hooks = ActivationOffloading(min_bytes=0, offload_cpu=True)
-    original_pack = hooks.pack_hook
-
-    def spy(tensor):
-        packed.append(tensor)
-        return original_pack(tensor)
-    hooks.pack_hook = spy
+    handed, moved = spied(hooks)
     offloaded_loss, offloaded = gradients(model, ids, hooks)
     assert offloaded_loss == loss
     assert all(torch.equal(offloaded[n], plain[n]) for n in plain)
-    assert hooks.offloaded > 0
-    parameters = {p.data_ptr() for p in model.parameters()}
-    moved = [t for t in packed if t.untyped_storage().data_ptr() not in parameters]
-    assert hooks.offloaded == len(moved)  # only what is no weight moved
-    assert len(moved) < len(packed)  # the weights were saved too, and stayed
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    weights = [t for t in handed if t.untyped_storage().data_ptr() in parameters]
+    assert moved and weights  # activations moved; the weights were saved too, and stayed
+    assert not any(t.untyped_storage().data_ptr() in parameters for t in moved)
+    assert hooks.offloaded <= len(moved)  # a tensor saved twice is copied once
+
+
+def spied(hooks):
+    """(every tensor the hooks are handed, the ones they copy out), filled as the hooks run."""
+    handed, moved = [], []
+    pack = hooks.pack_hook
+
+    def spy(tensor):
+        packed = pack(tensor)
+        handed.append(tensor)
+        if isinstance(packed, tuple):
+            moved.append(tensor)
+        return packed
+    hooks.pack_hook = spy
+    return handed, moved
+
+
+def test_autocasts_copies_of_the_weights_stay_too():
+    """Under bf16 autocast each linear layer saves a bf16 copy of its weight: a weight, not an
+    activation. Such copies are handed to the hooks, and none is copied out."""
+    model = build_model(preset_config("tiny", 256), seed=0)
+    ids = torch.randint(0, 256, (2, 32))
+    hooks = ActivationOffloading(min_bytes=0, offload_cpu=True)
+    handed, moved = spied(hooks)
+    with torch.autocast("cpu", dtype=torch.bfloat16), hooks:
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    weights = [p.detach().to(torch.bfloat16) for p in model.parameters() if p.dim() == 2]
+
+    def a_weight(t):
+        return t.dtype == torch.bfloat16 and any(
+            (t.shape == w.shape and torch.equal(t, w)) or (t.shape == w.t().shape and torch.equal(t, w.t()))
+            for w in weights)
+    assert sum(map(a_weight, handed)) >= 10  # the copies autocast made of the 15 matrices were saved
+    assert moved and not any(map(a_weight, moved))
+
+
+def test_a_tensor_saved_twice_is_copied_once_and_one_kept_in_place_is_still_checked():
+    x = torch.randn(8, requires_grad=True)
+    a = x * 2
+    hooks = ActivationOffloading(min_bytes=0, offload_cpu=True)
+    with hooks:
+        b = a * a  # saves `a` twice
+    b.sum().backward()
+    assert hooks.offloaded == 1 and torch.equal(x.grad, 8 * x.detach())
+    with ActivationOffloading():  # kept where it is (on the CPU), then changed in place
+        y = x.exp()
+    y.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
 
 
 def test_on_the_cpu_nothing_is_offloaded():

@@ -124,8 +124,8 @@ def build_parser():
     add("--torch_compile", action="store_true", help="compile the model with torch.compile (inductor)")
     add("--gradient_checkpointing", action="store_true", help="trade ~30%% more compute for much less activation memory")
     add("--activation_offloading", action="store_true",
-        help="keep the activations saved for backward in CPU memory, not on the GPU (weights stay); with or without "
-             "--gradient_checkpointing (then only each layer's input is offloaded)")
+        help="keep the activations saved for backward in CPU memory, not on the GPU (weights and autocast's copies "
+             "of them stay); with or without --gradient_checkpointing (then each layer's input is offloaded)")
     add("--ddp_timeout", type=int, default=1800,
         help="seconds a collective may wait (NCCL/gloo) before the run fails; raise it for slow checkpoint saves")
     add("--eval_only", action="store_true",
