@@ -1,8 +1,10 @@
-"""Shared by the benchmarks: run train.py the way a user does and read back what it measured."""
+"""Shared by the benchmarks: run train.py the way a user does and read back what it measured, and read
+this process's memory."""
 
 import itertools
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -14,6 +16,18 @@ _ports = itertools.count(29800)
 
 
 ONE_CPU_PROCESS = ("--cpu", "--num_processes", "1", "--mixed_precision", "no")
+
+
+def peak_mib():
+    """This process's peak resident memory so far, in MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_mib():
+    """This process's resident memory now, in MiB."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
 
 
 def launch_command(train_args, out, launch_args=ONE_CPU_PROCESS, port=None):

@@ -21,7 +21,6 @@ the imports, and the parameters it holds at the end, with the ratio of after to 
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import current_mib, peak_mib  # noqa: E402
 
 
 def parse():
@@ -42,14 +43,6 @@ def parse():
     return p.parse_args()
 
 
-def peak_mib():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def current_mib():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
 
 
 def worker(args):

@@ -11,13 +11,14 @@ printed with its ratio to transformers' in the same run.
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import current_mib, peak_mib  # noqa: E402
 
 
 def parse():
@@ -30,14 +31,6 @@ def parse():
     return p.parse_args()
 
 
-def peak_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def current_mb():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
 
 
 def worker(args):
@@ -59,7 +52,7 @@ def worker(args):
     ids = torch.randint(0, args.vocab, (args.batch, args.block))
     with torch.no_grad():  # one warm-up pass: allocator pools and lazy initialization are not the loss's
         model(input_ids=ids[:1, :8])
-    before = current_mb()
+    before = current_mib()
     if kind == "eval":
         with torch.no_grad():
             logits = model(input_ids=ids, use_cache=False).logits
@@ -71,7 +64,7 @@ def worker(args):
     else:
         value = model(input_ids=ids, labels=ids, use_cache=False).loss
         value.backward()
-    print(json.dumps({"added_mb": peak_mb() - before, "loss": float(value),
+    print(json.dumps({"added_mb": peak_mib() - before, "loss": float(value),
                       "logits_mb": args.batch * args.block * args.vocab * torch.finfo(dtype).bits / 8 / 2**20}))
 
 

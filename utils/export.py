@@ -18,13 +18,13 @@ from contextlib import nullcontext
 
 import torch
 from safetensors.torch import save_file
-from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import PrefixChange, revert_weight_conversion
 from transformers.dynamic_module_utils import custom_object_save
 
 from utils.files import publish, write_atomic
+from utils.model import own_class
 
 INDEX = "model.safetensors.index.json"
 
@@ -36,7 +36,7 @@ def save_model(model, output_dir):
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
     names, tensors = _saved_tensors(model)
     whole_on_rank_0 = _stored_in_another_layout(model)
-    sizes = [_numel(t) * t.element_size() for t in tensors]
+    sizes = [getattr(t, "ds_numel", t.numel()) * t.element_size() for t in tensors]  # ZeRO-3: the whole tensor's
     owners = [0] * len(tensors) if whole_on_rank_0 else _shares(sizes, world)
     files = ["model.safetensors"] if world == 1 or whole_on_rank_0 else [
         f"model-{r + 1:05d}-of-{world:05d}.safetensors" for r in range(world)]
@@ -61,7 +61,7 @@ def save_model(model, output_dir):
             write_atomic(os.path.join(output_dir, INDEX), json.dumps(
                 {"metadata": {"total_size": sum(sizes)}, "weight_map": {n: files[o] for n, o in zip(names, owners)}},
                 indent=2))
-        model.config.architectures = [_model_class(model).__name__]  # as save_pretrained records them
+        model.config.architectures = [own_class(model).__name__]  # as save_pretrained records them
         model.config.dtype = next((t.dtype for t in tensors if t.is_floating_point()), model.config.dtype)
         model.config.save_pretrained(output_dir)
         if model.can_generate():
@@ -83,11 +83,6 @@ def _stored_in_another_layout(model):
     return bool(conversions)
 
 
-def _model_class(model):
-    """The model's own class (FSDP2 swaps in a subclass named FSDP...)."""
-    return next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule))
-
-
 def _saved_tensors(model):
     """(names, tensors) of the state dict in order, a tensor shared by several names (tied weights)
     under its first name only."""
@@ -98,12 +93,6 @@ def _saved_tensors(model):
             names.append(name)
             tensors.append(tensor)
     return names, tensors
-
-
-def _numel(tensor):
-    """Elements of the whole tensor (a ZeRO-3 partition keeps its real shape in ds_shape)."""
-    shape = getattr(tensor, "ds_shape", tensor.shape)
-    return int(torch.Size(shape).numel())
 
 
 def _shares(sizes, world):

@@ -183,11 +183,11 @@ def initialize_shards(model, seed, device):
         model.get_submodule(owner)._buffers[local] = buffer
     with torch.no_grad():
         for param in model.parameters():  # NaN until a rule sets it, so a parameter no rule covers is caught
-            (param.to_local() if isinstance(param, DTensor) else param).fill_(float("nan"))
+            _local(param).fill_(float("nan"))
     initialize_by_name(model, seed)
     with torch.no_grad():
         missed = [name for name, param in model.named_parameters()
-                  if torch.isnan(param.to_local() if isinstance(param, DTensor) else param).any()]
+                  if torch.isnan(_local(param)).any()]
     if torch.distributed.is_initialized():  # every process stops, not only one whose shard no rule covered
         everywhere = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(everywhere, missed)
@@ -200,6 +200,16 @@ def initialize_shards(model, seed, device):
 _WRAPPERS = {"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"}  # torch.compile, checkpointing
 
 
+def own_class(module):
+    """The module's own class: FSDP2 swaps in a subclass (FSDP<Class>) of it."""
+    return next(cls for cls in type(module).__mro__ if not issubclass(cls, FSDPModule))
+
+
+def _local(tensor):
+    """This process's part of a DTensor (an FSDP2 shard), or the tensor itself."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def _direct_and_child_params(module):
     return [p for m in (module, *module.children()) for p in m.parameters(recurse=False)]
 
@@ -208,10 +218,7 @@ def _cpu_twin(module):
     """A shallow copy of `module` and its direct children whose parameters are fresh NaN-filled fp32
     CPU tensors of the real shapes (ds_shape under zero.Init); buffers are shared."""
     def twin_of(m, depth):
-        cls = type(m)
-        if isinstance(m, FSDPModule):  # FSDP2 swaps in a subclass, which cannot be copied: the model's own
-            cls = cls.__mro__[cls._orig_cls_mro_index]
-        twin = object.__new__(cls)  # a shallow copy, as copy.copy makes
+        twin = object.__new__(own_class(m))  # a shallow copy as copy.copy makes (which FSDP2's subclass breaks)
         twin.__dict__.update(m.__dict__)
         twin._parameters = {k: None if p is None else torch.nn.Parameter(
             torch.full(tuple(getattr(p, "ds_shape", p.shape)), float("nan")), requires_grad=False)
