@@ -121,15 +121,16 @@ def main(argv=None):
 
     # ---- Resume or start ----
     state = checkpointer.restore(accelerator, model, train_order, samples_per_step, vars(args), (config, tokenizer))
+    terminal = sys.stdout.isatty()  # a bar that redraws itself; a log file (SLURM, nohup) gets plain lines
     metrics = TrainingMetrics(accelerator, args.output_dir, args.logging_steps, samples_per_step * args.block_size,
                               flops_per_token, device_peak_flops(accelerator.device, args.peak_flops),
-                              resumed_at=state.step if checkpointer.resume_from else None)
+                              resumed_at=state.step if checkpointer.resume_from else None, plain_lines=not terminal)
     accelerator.init_trackers(args.project_name, config=plan.tracker_config(args),
                               init_kwargs=tracker_init_kwargs(args.output_dir, args.run_name))
     if state.initial_eval_loss is None:
         state.initial_eval_loss, by_source = evaluate(model, eval_dataloader, accelerator, source_names)
         metrics.eval_done(0, state.initial_eval_loss, by_source)
-    progress = tqdm(total=max_steps, initial=state.step, disable=not accelerator.is_local_main_process,
+    progress = tqdm(total=max_steps, initial=state.step, disable=not (accelerator.is_local_main_process and terminal),
                     desc="training", file=sys.stdout)  # stderr stays for warnings and errors
     stop = StopSignal()
     nonfinite = NonFiniteGuard(args.max_nonfinite_steps, loss_scaling=accelerator.mixed_precision == "fp16",

@@ -25,8 +25,9 @@ METRICS = {"loss", "lr", "grad_norm", "tokens_per_second", "mfu", "peak_memory_g
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, corpus):
     out = tmp_path_factory.mktemp("outputs") / "out"
-    launch(["--train_file", corpus, "--output_dir", out, *TINY, "--max_train_steps", 12, "--eval_steps", 6,
-            "--checkpointing_steps", 6, "--report_to", "all", "--run_name", RUN_NAME, "--peak_flops", 1e12])
+    done = launch(["--train_file", corpus, "--output_dir", out, *TINY, "--max_train_steps", 12, "--eval_steps", 6,
+                   "--checkpointing_steps", 6, "--report_to", "all", "--run_name", RUN_NAME, "--peak_flops", 1e12])
+    (out.parent / "stdout.txt").write_text(done.stdout)  # a pipe, as under SLURM or nohup
     return out
 
 
@@ -40,6 +41,23 @@ def assert_one_line_error(result, message):
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and message in last, result.stderr[-2000:]
+
+
+def test_output_to_a_file_is_one_plain_line_per_logging_step(run):
+    """Not a terminal: no progress bar redrawn with carriage returns (53 KB on one line for the default
+    job), but a line a log file keeps per logging step: step, loss, lr, tokens/s, ETA."""
+    stdout = (run.parent / "stdout.txt").read_text()
+    assert "\r" not in stdout
+    lines = [line for line in stdout.splitlines() if line.startswith("step ") and "tokens/s" in line]
+    assert [line.split(" | ")[0] for line in lines] == [f"step {i}/12" for i in range(1, 13)]
+    logged = {r["step"]: r for r in read_metrics(run) if "loss" in r}
+    for line in lines:
+        step, loss, lr, speed, eta = line.split(" | ")
+        record = logged[int(step.split()[1].split("/")[0])]
+        assert float(loss.split()[1]) == pytest.approx(record["loss"], abs=1e-4)
+        assert float(lr.split()[1]) == pytest.approx(record["lr"], rel=1e-3)
+        assert speed.endswith(" tokens/s") and eta.startswith("ETA ")
+    assert lines[-1].endswith("ETA 0:00:00")
 
 
 # --- Trackers ----------------------------------------------------------------------------------

@@ -159,8 +159,9 @@ class TrainingMetrics:
     the last), plus evaluations. Evaluation and saving run inside `paused()`: not training time."""
 
     def __init__(self, accelerator, output_dir, logging_steps, tokens_per_step, flops_per_token, peak_flops,
-                 resumed_at=None):
+                 resumed_at=None, plain_lines=False):
         self.accelerator, self.logging_steps, self.tokens_per_step = accelerator, logging_steps, tokens_per_step
+        self.plain_lines = plain_lines and accelerator.is_main_process  # one line per logging step, no bar
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.log = MetricsLog(accelerator, output_dir, keep_through_step=resumed_at)
         self.timer = WindowTimer()
@@ -203,9 +204,18 @@ class TrainingMetrics:
         self.log.log(step, loss=mean_loss, lr=lr, grad_norm=None if grad_norm is None else float(grad_norm),
                      tokens_per_second=tokens_per_second, mfu=mfu, peak_memory_gib=peak_memory_gib(accelerator),
                      data_wait_pct=data_wait_pct, predicted_tokens=int(predicted_tokens), **counters)
+        if self.plain_lines:
+            self._print_line(step, last_step, mean_loss, lr, tokens_per_second, elapsed / self.window_steps)
         self.loss_sum.zero_()
         self.window_steps = 0
         return mean_loss, tokens_per_second
+
+    @staticmethod
+    def _print_line(step, last_step, loss, lr, tokens_per_second, seconds_per_step):
+        """What the progress bar shows, as one line a log file keeps (SLURM, nohup): ~100 bytes a logging step."""
+        eta = round((last_step - step) * seconds_per_step)
+        print(f"step {step}/{last_step} | loss {loss:.4f} | lr {lr:.3e} | {tokens_per_second:,.0f} tokens/s | "
+              f"ETA {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}", flush=True)
 
     def eval_done(self, step, eval_loss, by_source=None):
         """Log the validation loss, and each source's (eval_loss/NAME) in a mixture."""
