@@ -132,7 +132,7 @@ def main(argv=None):
         metrics.eval_done(0, state.initial_eval_loss, by_source)
     progress = tqdm(total=max_steps, initial=state.step, disable=not (accelerator.is_local_main_process and terminal),
                     desc="training", file=sys.stdout)  # stderr stays for warnings and errors
-    stop = StopSignal()
+    stop = StopSignal(args.ddp_timeout)
     nonfinite = NonFiniteGuard(args.max_nonfinite_steps, loss_scaling=accelerator.mixed_precision == "fp16",
                                scaler=accelerator.scaler)
     eval_loss = None
@@ -180,6 +180,7 @@ def main(argv=None):
         state.epoch_done()
     progress.close()
     stop.close()
+    checkpointer.close()  # old checkpoints deleted in the background
 
     if eval_loss is None:  # resumed at the end: nothing was trained in this run
         eval_loss, by_source = evaluate(model, eval_dataloader, accelerator, source_names)
@@ -271,6 +272,7 @@ def save_and_exit(accelerator, checkpointer, state, saved, stop):
     accelerator.print(f"{stop.received or 'stop signal'} received: saved {path} after step {state.step}; "
                       "run the same command with --resume_from_checkpoint latest to continue")
     stop.close()
+    checkpointer.close()
     accelerator.end_training()
     sys.exit(EXIT_PREEMPTED)
 

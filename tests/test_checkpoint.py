@@ -8,7 +8,8 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from utils.checkpoint import complete_checkpoints, resolve_resume, save_checkpoint
+import utils.checkpoint
+from utils.checkpoint import BackgroundDeleter, complete_checkpoints, resolve_resume, save_checkpoint
 from utils.files import publish, temporary_name
 from utils.metrics import MetricsLog, perplexity
 
@@ -18,9 +19,10 @@ def accelerator():
     return Accelerator(cpu=True)
 
 
-def save(accelerator, output_dir, step, limit):
+def save(accelerator, output_dir, step, limit, deleter=None):
     return save_checkpoint(accelerator, str(output_dir), dict(step=step, epoch=0, data_position=None,
-                                                              samples_per_step=8, initial_eval_loss=1.0), limit)
+                                                              samples_per_step=8, initial_eval_loss=1.0), limit,
+                           deleter=deleter)
 
 
 def test_resuming_an_older_checkpoint_keeps_the_one_just_written(tmp_path, accelerator):
@@ -32,6 +34,44 @@ def test_resuming_an_older_checkpoint_keeps_the_one_just_written(tmp_path, accel
     just_written = save(accelerator, tmp_path, 6, 1)
     assert [os.path.basename(p) for p in complete_checkpoints(tmp_path)] == ["step_6"]
     assert resolve_resume(str(tmp_path), "latest")[0] == just_written
+
+
+def test_old_checkpoints_are_deleted_off_the_training_path(tmp_path, accelerator, monkeypatch):
+    """Rotation renames the old checkpoint (never resumed from again) and deletes it in a thread: the
+    save returns while the deletion still runs; a leftover of a killed run goes at the next rotation."""
+    import threading
+
+    release, deleting = threading.Event(), []
+    real_rmtree = utils.checkpoint.shutil.rmtree
+
+    def slow_rmtree(path, **kwargs):
+        deleting.append(os.path.basename(path))
+        release.wait(30)
+        real_rmtree(path, **kwargs)
+    monkeypatch.setattr(utils.checkpoint.shutil, "rmtree", slow_rmtree)
+    deleter = BackgroundDeleter()
+    for step in (2, 4):
+        save(accelerator, tmp_path, step, 1, deleter)
+    root = tmp_path / "checkpoints"
+    assert sorted(os.listdir(root)) == ["step_2.old", "step_4"]  # returned with the deletion still running
+    assert resolve_resume(str(tmp_path), "latest")[0] == str(root / "step_4")
+    release.set()
+    deleter.wait()
+    assert deleting == ["step_2.old"] and os.listdir(root) == ["step_4"]
+    (root / "step_1.old").mkdir()  # left by a run killed while deleting
+    (root / "step_1.old" / "trainer_state.json").write_text("{}")
+    save(accelerator, tmp_path, 6, 1, deleter)
+    deleter.wait()
+    assert os.listdir(root) == ["step_6"]
+
+
+def test_each_process_flushes_what_it_wrote_before_the_rename(tmp_path, accelerator, monkeypatch):
+    synced = []
+    monkeypatch.setattr(utils.checkpoint, "sync_filesystem",
+                        lambda path: synced.append((path, sorted(os.listdir(path)))) or True)
+    final = save(accelerator, tmp_path, 3, None)
+    assert synced == [(final + ".tmp", ["random_states_0.pkl"])]  # what save_state wrote, not yet renamed
+    assert json.loads(open(os.path.join(final, "trainer_state.json")).read())["synced_processes"] == 1
 
 
 def test_latest_is_the_last_saved_not_the_highest_step(tmp_path, accelerator):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY, train_losses
+from conftest import ROOT, TINY, _ports, train_losses
 
 # Long enough to be interrupted several times, short enough to finish in seconds.
 RUN = [*TINY, "--max_train_steps", 150, "--checkpointing_steps", 10, "--checkpoints_total_limit", 2,
@@ -129,6 +129,18 @@ def test_repeated_sigterm_only_asks_again():
             "print(s.received)")
     result = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stdout.strip()) == (0, "SIGTERM")
+
+
+def test_the_stop_agreement_waits_as_long_as_the_other_collectives():
+    """Its background gloo group gets --ddp_timeout, not gloo's own 30 minutes."""
+    code = ("import os, sys, types, torch; sys.path.insert(0, sys.argv[1]); from utils.faults import StopSignal; "
+            "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=sys.argv[2]); "
+            "torch.distributed.init_process_group('gloo', rank=0, world_size=1); s = StopSignal(7200); "
+            "s.agreed(types.SimpleNamespace(num_processes=2)); s.close(); "
+            "print(s._group._get_backend(torch.device('cpu')).options._timeout.total_seconds())")
+    result = subprocess.run([sys.executable, "-c", code, str(ROOT), str(next(_ports))], capture_output=True, text=True,
+                            timeout=60)
+    assert result.stdout.strip() == "7200.0", result.stderr[-2000:]
 
 
 def test_second_ctrl_c_aborts():

@@ -273,6 +273,7 @@ def test_each_process_reads_its_own_part_of_the_stream_and_either_count_resumes_
     assert "streamed in 2 parts, each process reading its own" in launch(args(two), **ddp).stdout
     assert "streamed in 2 parts, read on the main process" in launch([*args(one), "--stream_readers", 2]).stdout
     assert (results(two)["num_processes"], results(two)["config"]["stream_readers"]) == (2, 2)
+    assert trainer_state(two, 17)["synced_processes"] == 2  # each flushed what it wrote before the rename
     position = trainer_state(two, 17)["data_position"]
     assert position["readers"] == 2 and all(part is not None for part in position["parts"])
     losses = {"one": train_losses(one), "two": train_losses(two)}

@@ -12,17 +12,19 @@ import json
 import os
 import re
 import shutil
+import threading
 from dataclasses import dataclass
 
 from accelerate.utils import gather_object
 
 from utils.errors import UserError
-from utils.files import publish, temporary_name
+from utils.files import publish, sync_filesystem, temporary_name
 
 STATE_FILE = "trainer_state.json"
 DEEPSPEED_TAG = "pytorch_model"  # accelerate's save_state names DeepSpeed's checkpoint tag so
 UNIVERSAL = "universal"  # CHECKPOINT/universal: the DeepSpeed shards converted for another process count
 _COMPLETE = re.compile(r"^step_(\d+)$")
+DELETING = ".old"  # step_N.old: a checkpoint being deleted in the background (never resumed from)
 
 
 def checkpoints_dir(output_dir):
@@ -180,11 +182,38 @@ def remove_incomplete(output_dir):
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
-def save_checkpoint(accelerator, output_dir, state, total_limit=None, model_files=()):
+class BackgroundDeleter:
+    """Deletes old checkpoints off the training path (hundreds of GB at 70B take minutes): a checkpoint
+    is first renamed to step_N.old, which no resume ever picks, then removed by a thread. Leftovers of a
+    run killed while deleting go the same way on its next save."""
+
+    def __init__(self):
+        self._threads = []
+
+    def delete(self, paths, root):
+        doomed = [os.path.join(root, name) for name in os.listdir(root) if name.endswith(DELETING)]
+        for path in paths:
+            os.replace(path, path + DELETING)
+            doomed.append(path + DELETING)
+        if doomed:
+            thread = threading.Thread(target=lambda: [shutil.rmtree(p, ignore_errors=True) for p in doomed],
+                                      name="delete-checkpoints")
+            thread.start()
+            self._threads.append(thread)
+
+    def wait(self):
+        for thread in self._threads:
+            thread.join()
+        self._threads = []
+
+
+def save_checkpoint(accelerator, output_dir, state, total_limit=None, model_files=(), deleter=None):
     """Save a checkpoint for optimizer step state['step'] and rotate old ones; call on every process.
     model_files: objects with `save_pretrained` (the model config, the tokenizer) saved beside the
-    weights, so tools load a checkpoint on its own (generate.py)."""
-    final = os.path.join(checkpoints_dir(output_dir), f"step_{state['step']}")
+    weights, so tools load a checkpoint on its own (generate.py). deleter: a BackgroundDeleter for the
+    old ones (else they are deleted here)."""
+    root = checkpoints_dir(output_dir)
+    final = os.path.join(root, f"step_{state['step']}")
     tmp = final + ".tmp"
     if accelerator.is_main_process:
         remove_incomplete(output_dir)
@@ -192,16 +221,22 @@ def save_checkpoint(accelerator, output_dir, state, total_limit=None, model_file
         state = {**state, "save_index": _save_index(saved[-1]) + 1 if saved else 1}
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
+    # Every process flushes what it wrote before the barrier that precedes the rename: files other nodes
+    # wrote are on their disks too when step_N appears, also after one of them loses power.
+    synced = gather_object([sync_filesystem(tmp)])  # also the barrier
     if accelerator.is_main_process:
         with open(os.path.join(tmp, STATE_FILE), "w") as f:
-            json.dump(state, f, indent=2)
+            json.dump({**state, "synced_processes": sum(synced)}, f, indent=2)
         for item in model_files:
             item.save_pretrained(tmp)
         publish(tmp, final)  # fsyncs every file of the checkpoint, then renames
         if total_limit:  # the oldest saved go; the one just written is the newest and always stays
-            for old in complete_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old)
+            old = complete_checkpoints(output_dir)[:-total_limit]
+            if deleter:
+                deleter.delete(old, root)
+            else:
+                for path in old:
+                    shutil.rmtree(path)
     accelerator.wait_for_everyone()
     return final
 
@@ -231,6 +266,7 @@ class Checkpointer:
         self.output_dir, self.every, self.total_limit, self.requested = output_dir, every, total_limit, resume
         self.resume_from, self.resume_state = resolve_resume(output_dir, resume)
         self._load_from, self.data = None, None
+        self.deleter = BackgroundDeleter()
 
     def check_data(self, signature):
         """Refuse to resume on other training data than the checkpoint's (utils/data.py data_signature),
@@ -294,7 +330,11 @@ class Checkpointer:
             samples_per_step=self.samples_per_step, initial_eval_loss=state.initial_eval_loss, data=self.data,
             config=self.run_config,
             num_processes=accelerator.num_processes, distributed_type=accelerator.distributed_type.value),
-            self.total_limit, self.model_files)
+            self.total_limit, self.model_files, self.deleter)
+
+    def close(self):
+        """Wait for old checkpoints' deletion in the background to end (before the process exits)."""
+        self.deleter.wait()
 
     def _data_position(self, samples_into_epoch):
         """The order's position: the main process's (one order for the job, or streams it reads and

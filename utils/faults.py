@@ -2,6 +2,7 @@
 
 import math
 import signal
+from datetime import timedelta
 
 import torch
 
@@ -29,7 +30,8 @@ class StopSignal:
     has long finished. So all processes stop after the same step, one step after the first signal.
     """
 
-    def __init__(self):
+    def __init__(self, timeout_seconds=1800):
+        self.timeout = timedelta(seconds=timeout_seconds)  # --ddp_timeout, as the other groups (gloo's own: 30 min)
         self.received, self._interrupts = None, 0
         self._group, self._pending = None, None
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -48,7 +50,7 @@ class StopSignal:
         if accelerator.num_processes == 1:
             return self.received is not None
         if self._group is None:  # once; a collective call on every process
-            self._group = torch.distributed.new_group(backend="gloo")
+            self._group = torch.distributed.new_group(backend="gloo", timeout=self.timeout)
         stop = False
         if self._pending is not None:
             work, flag = self._pending

@@ -57,6 +57,26 @@ def publish(tmp, final, keep_existing=False):
     return final
 
 
+def sync_filesystem(path):
+    """Flush everything this node wrote to the filesystem holding `path` (Linux syncfs: that filesystem
+    only; elsewhere sync), so files another process publishes by a rename are on disk on every node.
+    Returns True once done."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if libc.syncfs(fd) == 0:
+                return True
+        finally:
+            os.close(fd)
+    except (AttributeError, OSError):  # no syncfs (macOS): flush every filesystem
+        pass
+    os.sync()
+    return True
+
+
 def _fsync_tree(path):
     if os.path.isdir(path):
         for root, _, files in os.walk(path):
