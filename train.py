@@ -24,6 +24,7 @@ from utils.errors import run_cli
 from utils.data import (IGNORE_INDEX, build_dataloaders, data_signature, load_tokenizer, open_blocks, store_tokenizer,
                         tokenize_and_pack)
 from utils.faults import EXIT_PREEMPTED, NonFiniteGuard, StopSignal
+from utils.spikes import SpikeDetector
 from utils.files import write_atomic
 from utils.generate import generate
 from utils.export import save_model
@@ -120,7 +121,10 @@ def main(argv=None):
     source_names = [b["label"] for b in blocks]
 
     # ---- Resume or start ----
-    state = checkpointer.restore(accelerator, model, train_order, samples_per_step, vars(args), (config, tokenizer))
+    spikes = SpikeDetector(args.spike_sigma, args.spike_window, args.spike_rollback_outliers, args.spike_rollback_window,
+                           can_skip=plan.zero_stage is None) if args.spike_sigma else None  # DeepSpeed steps in backward
+    state = checkpointer.restore(accelerator, model, train_order, samples_per_step, vars(args), (config, tokenizer),
+                                 spikes)
     terminal = sys.stdout.isatty()  # a bar that redraws itself; a log file (SLURM, nohup) gets plain lines
     metrics = TrainingMetrics(accelerator, args.output_dir, args.logging_steps, samples_per_step * args.block_size,
                               flops_per_token, device_peak_flops(accelerator.device, args.peak_flops),
@@ -148,14 +152,18 @@ def main(argv=None):
             # The step's loss is the mean over every token it predicts, on all processes and micro-batches
             # (transformers' num_items_in_batch), so how the batch is split never weighs tokens differently.
             predicted = accelerator.reduce(sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in micro_batches))
+            step_loss = 0.0  # this process's share of the step's loss
             for batch in micro_batches:
                 with accelerator.accumulate(model):  # input_ids, labels (and position_ids: document masking)
                     with accelerator.autocast(), offload():  # the config's mixed precision; saved activations
                         loss = model(**batch, use_cache=False, num_items_in_batch=predicted).loss  # summed / predicted
                     accelerator.backward(loss * averaged_over)  # undo the means over micro-batches and processes
+                    step_loss = step_loss + loss.detach()
                     if accelerator.sync_gradients:  # the step's last micro-batch; clip to inf = just measure the norm
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
-                        finite = nonfinite.step(optimizer, grad_norm)  # skips a non-finite update; fp16: the scaler does
+                        # a loss spike's outlier (the same verdict on every process) or a non-finite update is skipped
+                        spike = spikes.check(state.step + 1, accelerator.reduce(step_loss), grad_norm) if spikes else None
+                        finite = nonfinite.step(optimizer, grad_norm, skip=spike is not None and spike["event"] == "skipped")
                     optimizer.zero_grad(set_to_none=True)
                 metrics.micro_batch_done(loss)
             lr_scheduler.step()
@@ -164,9 +172,18 @@ def main(argv=None):
             nonfinite.record(finite, state.step)
             logged = metrics.step_done(state.step, max_steps, lr=lr_scheduler.get_last_lr()[0], grad_norm=grad_norm,
                                        predicted_tokens=predicted, nonfinite_steps=nonfinite.total,
-                                       loss_scale_skips=nonfinite.loss_scale_skips or None, epoch=state.epoch)
+                                       loss_scale_skips=nonfinite.loss_scale_skips or None, epoch=state.epoch,
+                                       spike_skips=spikes and spikes.skipped or None, rollbacks=len(state.rollbacks) or None)
             if logged:
                 progress.set_postfix(loss=f"{logged[0]:.3f}", tok_s=f"{logged[1]:.0f}")
+            if spike:
+                metrics.spike(state.step, {**spike, "data_step": state.data_steps})  # where the data that did it is
+            if spikes and spikes.sustained:  # back to the newest checkpoint before the spike; its data is skipped
+                with metrics.paused():
+                    state, rolled = checkpointer.rollback(state, args.max_rollbacks)
+                metrics.rolled_back(rolled)
+                progress.n = state.step
+                continue
 
             with metrics.paused():  # evaluation and saving are not training time
                 if (args.eval_steps and state.step % args.eval_steps == 0) or state.step == max_steps:
@@ -190,7 +207,8 @@ def main(argv=None):
            dict(train_tokens=state.step * samples_per_step * args.block_size, **metrics.summary(),
                 eval_tokens=sum(b["eval_tokens"] for b in blocks),
                 held_out_tokens=sum(b["held_out_tokens"] for b in blocks),  # of the training data, for evaluation
-                nonfinite_steps=nonfinite.total, parameters=n_params, sources=sources))
+                nonfinite_steps=nonfinite.total, parameters=n_params, sources=sources,
+                spikes=dict(skipped=spikes.skipped, applied=spikes.applied, rollbacks=state.rollbacks) if spikes else None))
 
 
 def setup(args):
@@ -257,8 +275,10 @@ def describe_data(blocks, train_order, block_size):
 
 def source_results(blocks, train_order, state, samples_per_step, block_size, eval_loss, eval_by_source):
     """results.json `sources`: each source's identity, weight, the train tokens drawn from it, its eval loss."""
-    samples = state.step * samples_per_step
+    samples = state.data_steps * samples_per_step  # read, including what rollbacks skipped
     drawn = [samples] if len(blocks) == 1 else train_order.drawn(samples)
+    for rolled in state.rollbacks:  # read, not trained on
+        drawn = [n - skipped for n, skipped in zip(drawn, rolled.get("skipped_blocks") or [0] * len(drawn))]
     return [dict(source=b["label"], identity=b["identity"], weight=b["weight"], train_tokens=n * block_size,
                  share=n / max(sum(drawn), 1), eval_loss=eval_by_source.get(b["label"], eval_loss),
                  eval_tokens=b["eval_tokens"], held_out_tokens=b["held_out_tokens"])  # held out: not trained on

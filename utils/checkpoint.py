@@ -13,12 +13,13 @@ import os
 import re
 import shutil
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from accelerate.utils import gather_object
+from accelerate.utils import broadcast_object_list, gather_object
 
 from utils.errors import UserError
-from utils.files import publish, sync_filesystem, temporary_name
+from utils.faults import TrainingDiverged
+from utils.files import publish, sync_filesystem, temporary_name, write_atomic
 
 STATE_FILE = "trainer_state.json"
 DEEPSPEED_TAG = "pytorch_model"  # accelerate's save_state names DeepSpeed's checkpoint tag so
@@ -246,11 +247,14 @@ class TrainState:
     """Where a run stands: a checkpoint saves it whole, a resume restores it whole."""
     step: int = 0  # optimizer steps done
     epoch: int = 0
-    samples_in_epoch: int = 0  # sequences of this epoch already trained on (the data position)
+    samples_in_epoch: int = 0  # sequences of this epoch already read (the data position)
     initial_eval_loss: float | None = None
+    data_steps: int = 0  # optimizer steps' worth of data read: `step` plus what rollbacks skipped
+    rollbacks: list = field(default_factory=list)  # each rollback: steps, the data it skipped
 
     def step_done(self, samples_per_step):
         self.step += 1
+        self.data_steps += 1
         self.samples_in_epoch += samples_per_step
 
     def epoch_done(self):
@@ -297,18 +301,22 @@ class Checkpointer:
         if self.resume_from:
             self._load_from = prepare_resume(accelerator, self.resume_from, self.resume_state)
 
-    def restore(self, accelerator, model, train_order, samples_per_step, run_config, model_files=()):
+    def restore(self, accelerator, model, train_order, samples_per_step, run_config, model_files=(), spikes=None):
         """The TrainState to start from (restored, or fresh); remembers what later saves record:
-        run_config (the flags), and model_files saved with each checkpoint (model config, tokenizer)."""
+        run_config (the flags), model_files saved with each checkpoint (model config, tokenizer) and
+        the spike detector (utils/spikes.py), whose state a checkpoint holds too."""
         self.accelerator, self.train_order, self.samples_per_step = accelerator, train_order, samples_per_step
-        self.run_config, self.model_files = run_config, model_files
+        self.run_config, self.model_files, self.spikes = run_config, model_files, spikes
         if not self.resume_from:
             if self.requested:
                 accelerator.print(f"no checkpoint in {checkpoints_dir(self.output_dir)} yet: starting fresh")
             return TrainState()
         load_checkpoint(accelerator, self._load_from, self.resume_state, samples_per_step, model)
         saved = self.resume_state
-        state = TrainState(step=saved["step"], epoch=saved["epoch"], initial_eval_loss=saved["initial_eval_loss"])
+        state = TrainState(step=saved["step"], epoch=saved["epoch"], initial_eval_loss=saved["initial_eval_loss"],
+                           data_steps=saved.get("data_steps", saved["step"]), rollbacks=saved.get("rollbacks", []))
+        if spikes is not None:
+            spikes.load_state_dict(saved.get("spikes"))
         position = saved["data_position"]
         if position["epoch_complete"]:  # saved after an epoch's last step
             state.epoch += 1
@@ -322,15 +330,74 @@ class Checkpointer:
         return bool(self.every) and step % self.every == 0
 
     def save(self, state):
-        """Save `state` with the model, optimizer, scheduler and RNG states; call on every process."""
+        """Save `state` with the model, optimizer, scheduler and RNG states; call on every process.
+        While a loss spike may be starting, the save deletes no older checkpoint: a rollback may need one."""
+        suspect = self.spikes is not None and self.spikes.suspect
+        return save_checkpoint(self.accelerator, self.output_dir, self._record(state),
+                               None if suspect else self.total_limit, self.model_files, self.deleter)
+
+    def _record(self, state):
+        """trainer_state.json of a checkpoint of `state` (collective: the data position may be every process's)."""
         accelerator = self.accelerator
-        return save_checkpoint(accelerator, self.output_dir, dict(
-            step=state.step, epoch=state.epoch, samples_seen=state.step * self.samples_per_step,
-            data_position=self._data_position(state.samples_in_epoch),
+        return dict(
+            step=state.step, epoch=state.epoch, samples_seen=state.data_steps * self.samples_per_step,
+            data_steps=state.data_steps, data_position=self._data_position(state.samples_in_epoch),
             samples_per_step=self.samples_per_step, initial_eval_loss=state.initial_eval_loss, data=self.data,
-            config=self.run_config,
-            num_processes=accelerator.num_processes, distributed_type=accelerator.distributed_type.value),
-            self.total_limit, self.model_files, self.deleter)
+            config=self.run_config, rollbacks=state.rollbacks,
+            spikes=self.spikes.state_dict() if self.spikes is not None else None,
+            num_processes=accelerator.num_processes, distributed_type=accelerator.distributed_type.value)
+
+    def rollback(self, state, max_rollbacks):
+        """A sustained loss spike (utils/spikes.py): load the newest checkpoint saved before its first outlier
+        (weights, optimizer, schedule, RNG, the detector's window) and keep reading the data from where it
+        stands, so what led into the spike is skipped. That checkpoint's trainer_state.json then records
+        the new data position and the checkpoints saved after it go: a resume, or a second rollback to it,
+        never reads the skipped data again. Returns (the new TrainState, the rollback's record). Stops the
+        run (exit code 3, checkpoints kept) after `max_rollbacks`, or with no checkpoint to go back to."""
+        accelerator, spikes = self.accelerator, self.spikes
+        first = spikes.outliers[0]
+        if len(state.rollbacks) >= max_rollbacks:
+            raise TrainingDiverged(f"stopped at step {state.step}: a loss spike since step {first} after "
+                                   f"{len(state.rollbacks)} rollbacks (--max_rollbacks {max_rollbacks}); checkpoints "
+                                   "kept: lower --learning_rate, check the data near the steps in metrics.jsonl, "
+                                   "then resume")
+        target = [None]
+        if accelerator.is_main_process:
+            before = [path for path in complete_checkpoints(self.output_dir) if read_state(path)["step"] < first]
+            target = [before[-1] if before else None]
+        target = broadcast_object_list(target)[0]
+        if target is None:
+            raise TrainingDiverged(f"stopped at step {state.step}: a loss spike since step {first} and no checkpoint "
+                                   "from before it to roll back to: save more often (--checkpointing_steps), lower "
+                                   "--learning_rate or check the data")
+        saved = read_state(target)
+        if accelerator.state.deepspeed_plugin is not None and saved.get("num_processes") != accelerator.num_processes:
+            raise TrainingDiverged(f"stopped at step {state.step}: a loss spike since step {first}, and {target} was "
+                                   f"saved by {saved.get('num_processes')} DeepSpeed processes, not "
+                                   f"{accelerator.num_processes}: resume from it (it converts) to roll back")
+        self.deleter.wait()
+        load_checkpoint(accelerator, target, saved, self.samples_per_step)
+        saved_data_steps = saved.get("data_steps", saved["step"])
+        rolled = dict(at_step=state.step, to_step=saved["step"], outliers=list(spikes.outliers),
+                      data_steps_skipped=[saved_data_steps + 1, state.data_steps], checkpoint=os.path.basename(target))
+        if accelerator.is_main_process:  # blocks per source read and not trained on (results.json's sources)
+            def drawn(steps):  # per source in the run's first `steps` steps of data (one source: all of them)
+                order = self.train_order
+                return order.drawn(steps * self.samples_per_step) if hasattr(order, "drawn") else [steps * self.samples_per_step]
+            before = saved["data_position"].get("drawn") or drawn(saved_data_steps)  # a stream's: as it stood then
+            rolled["skipped_blocks"] = [int(a) - int(b) for a, b in zip(drawn(state.data_steps), before)]
+        new = TrainState(step=saved["step"], epoch=state.epoch, samples_in_epoch=state.samples_in_epoch,
+                         initial_eval_loss=state.initial_eval_loss, data_steps=state.data_steps,
+                         rollbacks=[*state.rollbacks, rolled])
+        spikes.load_state_dict(saved.get("spikes"))  # the window as it was before the spike
+        record = self._record(new)
+        if accelerator.is_main_process:
+            saved_after = complete_checkpoints(self.output_dir)
+            self.deleter.delete(saved_after[saved_after.index(target) + 1:], checkpoints_dir(self.output_dir))
+            write_atomic(os.path.join(target, STATE_FILE), json.dumps(
+                {**saved, **record, "save_index": _save_index(saved_after[-1]) + 1}, indent=2))
+        accelerator.wait_for_everyone()
+        return new, rolled
 
     def close(self):
         """Wait for old checkpoints' deletion in the background to end (before the process exits)."""

@@ -121,6 +121,18 @@ def build_parser():
     add("--max_nonfinite_steps", type=int, default=3,
         help="stop after this many consecutive optimizer steps with inf/NaN loss or gradients (each is skipped); "
              "0 turns the check and its once-per-step host sync off")
+    add("--spike_sigma", type=float, default=6.0,
+        help="loss spikes: skip the update of a step whose training loss or gradient norm is this many standard "
+             "deviations above the mean of the last --spike_window steps (OLMo-core's default); 0 turns spike "
+             "handling off")
+    add("--spike_window", type=int, default=128,
+        help="steps the spike check compares against; it starts once half of them are in")
+    add("--spike_rollback_outliers", type=int, default=3,
+        help="this many outliers within --spike_rollback_window steps is a sustained spike: roll back to the newest "
+             "checkpoint before it and skip the data that led into it")
+    add("--spike_rollback_window", type=int, default=16, help="steps within which outliers count as one spike")
+    add("--max_rollbacks", type=int, default=3,
+        help="stop (exit code 3, checkpoints kept) at the sustained spike after this many rollbacks")
     add("--torch_compile", action="store_true", help="compile the model with torch.compile (inductor)")
     add("--gradient_checkpointing", action="store_true", help="trade ~30%% more compute for much less activation memory")
     add("--activation_offloading", action="store_true",
@@ -198,6 +210,11 @@ def validate(args, writes_store=False):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag} must be at least 1 (got {value})")
+    for flag in ("spike_window", "spike_rollback_outliers", "spike_rollback_window"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
+    if args.spike_sigma < 0 or args.max_rollbacks < 0:
+        raise UserError("--spike_sigma (0: off) and --max_rollbacks must be 0 or more")
     if args.max_nonfinite_steps < 0:
         raise UserError("--max_nonfinite_steps must be 0 (off) or more")
     if not 0 < args.validation_split_percentage < 100:

@@ -82,9 +82,14 @@ class NonFiniteGuard:
         self.limit, self.consecutive, self.total, self.loss_scale_skips = limit, 0, 0, 0
         self.loss_scaling, self.scaler = loss_scaling, scaler
 
-    def step(self, optimizer, grad_norm):
-        """At an accumulation boundary: optimizer.step() unless the update is non-finite.
-        Returns False for a step counted as non-finite (skipped; the weights are unchanged)."""
+    def step(self, optimizer, grad_norm, skip=False):
+        """At an accumulation boundary: optimizer.step() unless the update is non-finite, or `skip`
+        (a loss spike's outlier, utils/spikes.py). Returns False for a step counted as non-finite
+        (skipped; the weights are unchanged)."""
+        if skip:
+            if self.scaler is not None:  # clipping unscaled the gradients: the scaler's step must be closed
+                self.scaler.update()
+            return True
         if self.loss_scaling:
             optimizer.step()  # GradScaler: unscales, skips on inf/NaN, updates the scale
             if not optimizer.step_was_skipped:

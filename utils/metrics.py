@@ -105,6 +105,18 @@ class MetricsLog:
                 if keep_through_step is not None else []
             write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
+    def event(self, step, **fields):
+        """A spike's skip or rollback: a record of metrics.jsonl with an 'event' key (report.md lists them)."""
+        if self.accelerator.is_main_process:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **fields}) + "\n")
+
+    def truncate(self, through_step):
+        """Drop the records after `through_step` (a rollback trains those steps again), events kept."""
+        if self.accelerator.is_main_process:
+            kept = [r for r in read_jsonl(self.path) if r.get("step", math.inf) <= through_step or "event" in r]
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
     def log(self, step, **values):
         values = {k: v for k, v in values.items() if v is not None}
         self.accelerator.log(values, step=step)
@@ -216,6 +228,29 @@ class TrainingMetrics:
         eta = round((last_step - step) * seconds_per_step)
         print(f"step {step}/{last_step} | loss {loss:.4f} | lr {lr:.3e} | {tokens_per_second:,.0f} tokens/s | "
               f"ETA {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}", flush=True)
+
+    def spike(self, step, event):
+        """An outlier step (utils/spikes.py), logged as an event and shown above the progress bar."""
+        self.log.event(step, **event)
+        if self.accelerator.is_main_process:
+            tqdm.write(f"step {step}: loss spike, update {event['event']} (loss {event['step_loss']:.4f}, "
+                       f"{event['loss_z']:.1f} sigma; grad norm {event['step_grad_norm'] or 0:.3g}, "
+                       f"{event['grad_norm_z']:.1f} sigma)",
+                       file=sys.stdout)
+
+    def rolled_back(self, rolled):
+        """A rollback (utils/checkpoint.py Checkpointer.rollback): steps after its checkpoint are trained
+        again, so their records go; the event stays, at the step the run went back to."""
+        self.log.truncate(rolled["to_step"])
+        self.log.event(rolled["to_step"], event="rollback", **rolled)
+        self.loss_sum.zero_()
+        self.window_steps = 0
+        self.timer.close_window()
+        if self.accelerator.is_main_process:
+            first, last = rolled["data_steps_skipped"]
+            tqdm.write(f"step {rolled['at_step']}: sustained loss spike (outliers at steps "
+                       f"{', '.join(map(str, rolled['outliers']))}): rolled back to {rolled['checkpoint']}, skipping "
+                       f"the data of {last - first + 1} steps", file=sys.stdout)
 
     def eval_done(self, step, eval_loss, by_source=None):
         """Log the validation loss, and each source's (eval_loss/NAME) in a mixture."""

@@ -41,6 +41,11 @@ class Run:
         return [r for r in self.metrics if "eval_loss" in r]
 
     @property
+    def events(self):
+        """Loss spikes' skipped updates and rollbacks (utils/spikes.py), in order."""
+        return [r for r in self.metrics if "event" in r]
+
+    @property
     def name(self):
         return (self.config or {}).get("run_name") or os.path.basename(os.path.abspath(self.output_dir))
 
@@ -162,6 +167,10 @@ def metrics_table(run):
         rows.append(("parameters", millions(h["parameters"])))
     if h["nonfinite_steps"]:
         rows.append(("non-finite steps (skipped)", str(h["nonfinite_steps"])))
+    skipped = sum(e["event"] == "skipped" for e in run.events)
+    rollbacks = sum(e["event"] == "rollback" for e in run.events)
+    if skipped or rollbacks:
+        rows.append(("loss spikes", f"{skipped} update(s) skipped, {rollbacks} rollback(s)"))
     return _table(("metric", "value"), rows)
 
 
@@ -230,6 +239,26 @@ def sources_table(run):
     return "\n".join(lines)
 
 
+def events_table(run):
+    """One row per loss-spike event: a skipped (or, under DeepSpeed, applied) outlier, a rollback."""
+    if not run.events:
+        return None
+    lines = ["| step | event | detail |", "|---|---|---|"]
+    for e in run.events:
+        if e["event"] == "rollback":
+            first, last = e["data_steps_skipped"]
+            blocks = f" ({sum(e['skipped_blocks']):,} blocks)" if e.get("skipped_blocks") else ""
+            detail = (f"at step {e['at_step']} (outliers at steps {', '.join(map(str, e['outliers']))}) back to "
+                      f"{e['checkpoint']}; the data of steps {first}-{last} skipped{blocks}")
+        else:
+            norm = "" if e.get("step_grad_norm") is None else \
+                f", grad norm {e['step_grad_norm']:.3g} ({e['grad_norm_z']:.1f} sigma)"
+            data = f"; the data of step {e['data_step']}" if "data_step" in e else ""
+            detail = f"loss {e['step_loss']:.4f} ({e['loss_z']:.1f} sigma){norm}{data}"
+        lines.append(f"| {e['step']} | {e['event']} | {detail} |")
+    return "\n".join(lines)
+
+
 def _table(header, rows):
     lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
     return "\n".join(lines + [f"| {k} | {v} |" for k, v in rows])
@@ -266,12 +295,12 @@ def write_plots(run):
         if not any(steps for _, steps, _, _ in series):
             continue
         path = os.path.join(PLOTS_DIR, f"{name}.png")
-        _plot(os.path.join(run.output_dir, path), title, ylabel, series)
+        _plot(os.path.join(run.output_dir, path), title, ylabel, series, run.events if name == "loss" else ())
         written.append((title, path))
     return written
 
 
-def _plot(path, title, ylabel, series):
+def _plot(path, title, ylabel, series, events=()):
     # The Agg canvas directly, without pyplot: no display, no global backend switch inside train.py
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -282,9 +311,14 @@ def _plot(path, title, ylabel, series):
     for label, steps, values, style in series:
         if steps:
             axes.plot(steps, values, style, label=label, markersize=4, linewidth=1.5)
+    for kind, color, style in (("skipped", "tab:orange", ":"), ("applied", "tab:purple", ":"),
+                               ("rollback", "tab:red", "--")):  # loss spikes: a line at each event's step
+        for i, step in enumerate(e["step"] for e in events if e["event"] == kind):
+            axes.axvline(step, color=color, linestyle=style, linewidth=1,
+                         label=f"spike: {'rolled back to' if kind == 'rollback' else kind}" if i == 0 else None)
     axes.set(title=title, xlabel="optimizer step", ylabel=ylabel)
     axes.grid(alpha=0.3)
-    if len(series) > 1:
+    if len(series) > 1 or events:
         axes.legend()
     tmp = temporary_name(path)  # a reader never sees half a PNG
     figure.savefig(tmp, dpi=100, format="png")
@@ -305,6 +339,8 @@ def write_report(output_dir):
     lines += ["## Metrics", "", metrics_table(run), ""]
     if sources_table(run):
         lines += ["## Sources", "", sources_table(run), ""]
+    if events_table(run):
+        lines += ["## Loss spikes", "", events_table(run), ""]
     lines += ["## Batch", "", batch_math(run), "",
               "## Config", "", config_table(run), ""]
     plots = write_plots(run)
