@@ -121,8 +121,9 @@ def main(argv=None):
     source_names = [b["label"] for b in blocks]
 
     # ---- Resume or start ----
-    spikes = SpikeDetector(args.spike_sigma, args.spike_window, args.spike_rollback_outliers, args.spike_rollback_window,
-                           can_skip=plan.zero_stage is None) if args.spike_sigma else None  # DeepSpeed steps in backward
+    can_skip = plan.zero_stage is None  # DeepSpeed's engine has applied the update inside backward
+    spikes = SpikeDetector(args.spike_sigma, args.spike_window, args.spike_rollback_outliers or (3 if can_skip else 2),
+                           args.spike_rollback_window, can_skip) if args.spike_sigma else None
     state = checkpointer.restore(accelerator, model, train_order, samples_per_step, vars(args), (config, tokenizer),
                                  spikes)
     terminal = sys.stdout.isatty()  # a bar that redraws itself; a log file (SLURM, nohup) gets plain lines

@@ -118,15 +118,18 @@ EVAL_TOLERANCE = 0.1
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """The corpus in file order, and the same with one document of random CJK characters after the
-    third: ~3 steps of tokens the model has never seen (loss ~8.5 against ~5)."""
+    """The corpus in file order, and the same with two documents of random CJK characters after 12 KB of
+    training text: ~3 steps of tokens the model has never seen (loss ~8.5 against ~5), around step 45.
+    The first document is the validation split. Two stream parts (every other document) each hold one
+    poison document after 6 KB: the same steps."""
     import pydoc_data.topics
 
     root = tmp_path_factory.mktemp("spikes")
     texts = sorted(pydoc_data.topics.topics.values())[:60]
     rng = random.Random(0)
-    poison = "".join(chr(rng.randrange(0x4E00, 0x9FFF)) for _ in range(120))
-    for name, docs in (("clean", texts), ("poisoned", texts[:3] + [poison] + texts[3:])):
+    poison = ["".join(chr(rng.randrange(0x4E00, 0x9FFF)) for _ in range(60)) for _ in range(2)]
+    before, after = [texts[1], texts[0][:6000], texts[0][6000:12000]], [texts[0][12000:]] + texts[2:]
+    for name, docs in (("clean", before + after), ("poisoned", before + poison + after)):
         (root / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
     return root
 
@@ -230,3 +233,51 @@ def test_no_checkpoint_before_the_spike_stops_with_exit_code_3(files, tmp_path):
     out = tmp_path / "no_checkpoint"
     done = train(["--train_file", files / "poisoned.jsonl", "--output_dir", out, *TINY, *RUN, "--checkpointing_steps", 50])
     assert done.returncode == 3 and "no checkpoint from before it" in done.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("config, distributed_type", [("multi_cpu.yaml", "MULTI_CPU"),
+                                                      ("deepspeed_zero2.yaml", "DEEPSPEED")])
+def test_two_processes_skip_roll_back_go_on_and_resume_past_the_poison(config, distributed_type, files, tmp_path):
+    """Each process reads its own part of the stream (the poison is in one of them); both decide the
+    same. Under DeepSpeed the engine has stepped inside backward, so an outlier's update is applied, not
+    skipped, and the rollback undoes it with the rest."""
+    import shutil
+
+    out = tmp_path / "out"
+    args = ["--train_file", files / "poisoned.jsonl", "--output_dir", out, *TINY, *RUN,
+            "--per_device_train_batch_size", 2]  # 2 processes x 2 = the 4 sequences per step of one process
+    launch(args, num_processes=2, config_file=config)
+    res = results(out)
+    assert (res["num_processes"], res["distributed_type"]) == (2, distributed_type)
+    found = events(out)
+    rollbacks = [i for i, e in enumerate(found) if e["event"] == "rollback"]
+    assert rollbacks, found
+    kind = "applied" if distributed_type == "DEEPSPEED" else "skipped"
+    assert {e["event"] for e in found} == {kind, "rollback"}
+    first, last = found[rollbacks[0]]["data_steps_skipped"]
+    led_in = [e for e in found[:rollbacks[0]] if e["loss_z"] > SIGMA]
+    assert len(led_in) == (2 if distributed_type == "DEEPSPEED" else 3) and {e["data_step"] for e in led_in} <= set(range(first, last + 1))
+    assert res["steps"] == 100 and sorted(train_losses(out)) == list(range(1, 101))
+
+    resumed = tmp_path / "resumed"  # killed right after the last rollback
+    shutil.copytree(out, resumed)
+    rolled = found[rollbacks[-1]]
+    for path in (resumed / "checkpoints").iterdir():
+        if path.name != rolled["checkpoint"]:
+            shutil.rmtree(path)
+    args[args.index("--output_dir") + 1] = resumed
+    launch([*args, "--resume_from_checkpoint", "latest"], num_processes=2, config_file=config)
+    before, again = train_losses(out), train_losses(resumed)
+    assert max(abs(again[s] - before[s]) for s in range(rolled["to_step"] + 1, 101)) < 1e-6
+    assert [e for e in events(resumed) if e["event"] == "rollback"] == [found[i] for i in rollbacks]
+
+
+@pytest.mark.slow
+def test_the_clean_default_job_has_no_spike(tmp_path):
+    """The README's first command, spike handling on by default: nothing fires on clean data (489 steps,
+    the check running from step 64 on)."""
+    out = tmp_path / "default"
+    launch(["--output_dir", out], timeout=1200)
+    assert events(out) == []
+    assert results(out)["spikes"] == {"skipped": 0, "applied": 0, "rollbacks": []}

@@ -127,9 +127,10 @@ def build_parser():
              "handling off")
     add("--spike_window", type=int, default=128,
         help="steps the spike check compares against; it starts once half of them are in")
-    add("--spike_rollback_outliers", type=int, default=3,
-        help="this many outliers within --spike_rollback_window steps is a sustained spike: roll back to the newest "
-             "checkpoint before it and skip the data that led into it")
+    add("--spike_rollback_outliers", type=int, default=None,
+        help="this many loss outliers within --spike_rollback_window steps is a sustained spike: roll back to the "
+             "newest checkpoint before it and skip the data that led into it (default 3; 2 under DeepSpeed, which "
+             "applies an outlier's update, so the model drifts toward the bad data and fewer later steps stand out)")
     add("--spike_rollback_window", type=int, default=16, help="steps within which outliers count as one spike")
     add("--max_rollbacks", type=int, default=3,
         help="stop (exit code 3, checkpoints kept) at the sustained spike after this many rollbacks")
@@ -205,14 +206,11 @@ def validate(args, writes_store=False):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
     for flag in ("max_train_steps", "max_eval_samples", "stream_shuffle_blocks", "stream_readers", "eval_steps",
-                 "checkpointing_steps",
+                 "checkpointing_steps", "spike_window", "spike_rollback_outliers", "spike_rollback_window",
                  "checkpoints_total_limit", "global_batch_size"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag} must be at least 1 (got {value})")
-    for flag in ("spike_window", "spike_rollback_outliers", "spike_rollback_window"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
     if args.spike_sigma < 0 or args.max_rollbacks < 0:
         raise UserError("--spike_sigma (0: off) and --max_rollbacks must be 0 or more")
     if args.max_nonfinite_steps < 0:
