@@ -31,6 +31,7 @@ from utils.export import save_model
 from utils.hub import push_to_hub, set_generation_ids, write_model_card
 from utils.loss import token_losses
 from utils.offload import ActivationOffloading
+from utils.profiling import StepProfiler
 from utils.metrics import TrainingMetrics, device_peak_flops, perplexity, tracker_init_kwargs, trackers
 from utils.model import (build_model, initialize_shards, load_base_config, model_config, parameter_count,
                          training_flops_per_token)
@@ -142,6 +143,7 @@ def main(argv=None):
                                scaler=accelerator.scaler)
     eval_loss = None
     offload = ActivationOffloading if args.activation_offloading else contextlib.nullcontext  # to CPU memory
+    profiler = StepProfiler(args.profile_steps, args.profile_ranks, accelerator, args.output_dir, args.memory_snapshot)
 
     # ---- Training loop ----
     model.train()
@@ -149,23 +151,27 @@ def main(argv=None):
     averaged_over = accelerator.num_processes * accelerator.gradient_accumulation_steps  # by backward and DDP
     while state.step < max_steps:
         train_dataloader.set_epoch(state.epoch)
-        for micro_batches in metrics.steps(train_dataloader, accelerator.gradient_accumulation_steps):
+        for micro_batches in profiler.steps(metrics.steps(train_dataloader, accelerator.gradient_accumulation_steps),
+                                            state.step):  # --profile_steps: a trace of the chosen steps
             # The step's loss is the mean over every token it predicts, on all processes and micro-batches
             # (transformers' num_items_in_batch), so how the batch is split never weighs tokens differently.
             predicted = accelerator.reduce(sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in micro_batches))
             step_loss = 0.0  # this process's share of the step's loss
             for batch in micro_batches:
                 with accelerator.accumulate(model):  # input_ids, labels (and position_ids: document masking)
-                    with accelerator.autocast(), offload():  # the config's mixed precision; saved activations
+                    # the config's mixed precision; saved activations to the CPU; the parts of a profiled step
+                    with accelerator.autocast(), offload(), profiler.region("forward"):
                         loss = model(**batch, use_cache=False, num_items_in_batch=predicted).loss  # summed / predicted
-                    accelerator.backward(loss * averaged_over)  # undo the means over micro-batches and processes
+                    with profiler.region("backward"):  # undo the means over micro-batches and processes
+                        accelerator.backward(loss * averaged_over)
                     step_loss = step_loss + loss.detach()
-                    if accelerator.sync_gradients:  # the step's last micro-batch; clip to inf = just measure the norm
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
-                        # a loss spike's outlier (the same verdict on every process) or a non-finite update is skipped
-                        spike = spikes.check(state.step + 1, accelerator.reduce(step_loss), grad_norm) if spikes else None
-                        finite = nonfinite.step(optimizer, grad_norm, skip=spike is not None and spike["event"] == "skipped")
-                    optimizer.zero_grad(set_to_none=True)
+                    with profiler.region("optimizer"):
+                        if accelerator.sync_gradients:  # the step's last micro-batch; clip to inf = measure the norm
+                            grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
+                            # a loss spike's outlier (the same verdict on every process) or a non-finite update is skipped
+                            spike = spikes.check(state.step + 1, accelerator.reduce(step_loss), grad_norm) if spikes else None
+                            finite = nonfinite.step(optimizer, grad_norm, skip=spike is not None and spike["event"] == "skipped")
+                        optimizer.zero_grad(set_to_none=True)
                 metrics.micro_batch_done(loss)
             lr_scheduler.step()
             state.step_done(samples_per_step)
@@ -177,6 +183,7 @@ def main(argv=None):
                                        spike_skips=spikes and spikes.skipped or None, rollbacks=len(state.rollbacks) or None)
             if logged:
                 progress.set_postfix(loss=f"{logged[0]:.3f}", tok_s=f"{logged[1]:.0f}")
+            profiler.step_done(state.step)
             if spike:
                 metrics.spike(state.step, {**spike, "data_step": state.data_steps})  # where the data that did it is
             if spikes and spikes.sustained:  # back to the newest checkpoint before the spike; its data is skipped

@@ -11,6 +11,7 @@ import yaml
 
 from utils import errors
 from utils.data import TOKENIZER_SAMPLE_DOCUMENTS
+from utils.profiling import MAX_STEPS, parse_steps
 from utils.errors import UserError
 from utils.sources import check_weights, parse_sources, store_weights
 from utils.store import read_manifest
@@ -134,6 +135,13 @@ def build_parser():
     add("--spike_rollback_window", type=int, default=16, help="steps within which outliers count as one spike")
     add("--max_rollbacks", type=int, default=3,
         help="stop (exit code 3, checkpoints kept) at the sustained spike after this many rollbacks")
+    add("--profile_steps", metavar="A:B",
+        help=f"record a torch.profiler trace of optimizer steps A to B (at most {MAX_STEPS}) into OUTPUT_DIR/profile: "
+             "a gzipped Chrome trace per rank (Perfetto, TensorBoard) and the steps' time by part in report.md")
+    add("--profile_ranks", default="0", help="ranks --profile_steps records: '0', a list such as '0,8', or 'all'")
+    add("--memory_snapshot", action="store_true",
+        help="CUDA: record every allocation from the start and write a memory snapshot after --profile_steps "
+             "(pytorch.org/memory_viz); an out-of-memory error writes one in any case")
     add("--torch_compile", action="store_true", help="compile the model with torch.compile (inductor)")
     add("--gradient_checkpointing", action="store_true", help="trade ~30%% more compute for much less activation memory")
     add("--activation_offloading", action="store_true",
@@ -213,6 +221,17 @@ def validate(args, writes_store=False):
             raise UserError(f"--{flag} must be at least 1 (got {value})")
     if args.spike_sigma < 0 or args.max_rollbacks < 0:
         raise UserError("--spike_sigma (0: off) and --max_rollbacks must be 0 or more")
+    if isinstance(args.profile_steps, (str, int)):
+        try:
+            args.profile_steps = parse_steps(str(args.profile_steps))
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    if isinstance(args.profile_ranks, (str, int)):
+        text = str(args.profile_ranks)
+        try:
+            args.profile_ranks = None if text == "all" else sorted({int(r) for r in text.split(",")})
+        except ValueError:
+            raise UserError(f"--profile_ranks {text!r} is not 'all' or ranks such as '0,8'") from None
     if args.max_nonfinite_steps < 0:
         raise UserError("--max_nonfinite_steps must be 0 (off) or more")
     if not 0 < args.validation_split_percentage < 100:

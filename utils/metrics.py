@@ -141,7 +141,8 @@ class WindowTimer:
         iterator = iter(iterable)
         while True:
             start = time.perf_counter()
-            item = next(iterator, _END)
+            with torch.profiler.record_function("data wait"):  # a part of a profiled step (utils/profiling.py)
+                item = next(iterator, _END)
             self.data_wait += time.perf_counter() - start
             if item is _END:
                 return

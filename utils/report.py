@@ -9,6 +9,7 @@ trainer_state.json), so it works on a finished run, a running one and one that w
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ from utils.checkpoint import STATE_FILE, complete_checkpoints
 from utils.errors import UserError
 from utils.files import publish, temporary_name, write_atomic
 from utils.metrics import perplexity, read_jsonl
+from utils.profiling import profile_dir
 
 PLOTS_DIR = "plots"
 
@@ -259,6 +261,23 @@ def events_table(run):
     return "\n".join(lines)
 
 
+def profile_table(run):
+    """The time of a step profiled with --profile_steps, by part (the lowest profiled rank's)."""
+    directory = profile_dir(run.output_dir)
+    files = sorted((int(name[len("breakdown_rank"):-len(".json")]), name) for name in
+                   (os.listdir(directory) if os.path.isdir(directory) else []) if re.fullmatch(r"breakdown_rank\d+\.json", name))
+    profile = _read_json(os.path.join(directory, files[0][1])) if files else None
+    if not profile or not profile.get("step_seconds"):
+        return None
+    step = profile["step_seconds"]
+    first, last = profile["steps"]
+    lines = [f"Steps {first}-{last} on rank {files[0][0]}, {1000 * step:.1f} ms per step on average; trace: "
+             f"`profile/{profile['trace']}` (ui.perfetto.dev or TensorBoard).", "",
+             "| part | ms per step | share |", "|---|---|---|"]
+    lines += [f"| {name} | {1000 * seconds:.2f} | {seconds / step:.0%} |" for name, seconds in profile["parts"].items()]
+    return "\n".join(lines)
+
+
 def _table(header, rows):
     lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
     return "\n".join(lines + [f"| {k} | {v} |" for k, v in rows])
@@ -341,6 +360,8 @@ def write_report(output_dir):
         lines += ["## Sources", "", sources_table(run), ""]
     if events_table(run):
         lines += ["## Loss spikes", "", events_table(run), ""]
+    if profile_table(run):
+        lines += ["## Profile", "", profile_table(run), ""]
     lines += ["## Batch", "", batch_math(run), "",
               "## Config", "", config_table(run), ""]
     plots = write_plots(run)
