@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from utils.checkpoint import Checkpointer
 from utils.config import parse_args
-from utils.errors import run_cli
+from utils.errors import record_exit, run_cli
 from utils.data import (IGNORE_INDEX, build_dataloaders, data_signature, load_tokenizer, open_blocks, store_tokenizer,
                         tokenize_and_pack)
 from utils.faults import EXIT_PREEMPTED, NonFiniteGuard, StopSignal
@@ -295,10 +295,20 @@ def source_results(blocks, train_order, state, samples_per_step, block_size, eva
 
 def save_and_exit(accelerator, checkpointer, state, saved, stop):
     """Preemption or Ctrl-C, agreed by every process: keep the step just done (`saved` if the regular
-    schedule saved it already) and exit with EXIT_PREEMPTED, which asks a scheduler to requeue."""
-    path = saved or checkpointer.save(state)
-    accelerator.print(f"{stop.received or 'stop signal'} received: saved {path} after step {state.step}; "
-                      "run the same command with --resume_from_checkpoint latest to continue")
+    schedule saved it already) and exit with EXIT_PREEMPTED, which asks a scheduler to requeue. A save
+    that would not end before the job is killed is not started: the last checkpoint stays the newest."""
+    signal_name = stop.received or "stop signal"
+    if saved or checkpointer.save_fits(stop.seconds_left):
+        path = saved or checkpointer.save(state)
+        accelerator.print(f"{signal_name} received: saved {path} after step {state.step}; "
+                          "run the same command with --resume_from_checkpoint latest to continue")
+    else:
+        accelerator.print(f"{signal_name} received after step {state.step}: a save takes up to "
+                          f"{checkpointer.save_seconds:.0f} s and {stop.seconds_left:.0f} s are left before the job "
+                          "is killed, so none was started; run the same command with --resume_from_checkpoint latest "
+                          "to continue from the last checkpoint (save more often, or signal earlier: "
+                          "#SBATCH --signal=TERM@SECONDS)")
+    record_exit(EXIT_PREEMPTED)  # now: a launcher may kill this process while it waits below
     stop.close()
     checkpointer.close()
     accelerator.end_training()
@@ -334,6 +344,7 @@ def finish(model, tokenizer, accelerator, args, plan, state, eval_loss, run_fact
     if accelerator.num_processes > 1:
         # Every file is written and the process group is gone. Skip the interpreter's teardown, where
         # DeepSpeed/gloo background threads sometimes abort a finished run ("terminate called ...").
+        record_exit(0)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)

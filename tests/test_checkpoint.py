@@ -149,3 +149,15 @@ def test_temporary_names_differ_between_hosts_with_the_same_pid(monkeypatch):
     monkeypatch.setattr(files, "_HOST", "other-node")
     assert "other-node" in temporary_name("/shared/cache/x") and str(os.getpid()) in mine
     assert mine.startswith(f"/shared/cache/x.tmp{re.sub(r'[^A-Za-z0-9_.-]', '_', socket.gethostname())}-")
+
+
+def test_conversion_uses_every_core_that_has_memory_for_two_shard_files(tmp_path):
+    from utils.checkpoint import DEEPSPEED_TAG, conversion_workers
+
+    shards = tmp_path / DEEPSPEED_TAG
+    shards.mkdir()
+    for rank, size in ((0, 1000), (1, 3000)):
+        (shards / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt").write_bytes(b"x" * size)
+    assert conversion_workers(tmp_path, cpus=64, available=10**9) == 64  # memory for every core
+    assert conversion_workers(tmp_path, cpus=64, available=6000 * 5) == 5  # 2 x the largest file each
+    assert conversion_workers(tmp_path, cpus=64, available=100) == 1  # at least one, as before

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from conftest import TINY, launch, results, saved_model_eval_loss, train_losses
+from conftest import ROOT, TINY, launch, results, saved_model_eval_loss, train_losses
 
 pytestmark = pytest.mark.distributed
 
@@ -169,3 +169,41 @@ def test_resume_on_another_process_count(name, saved_by, resumed_by, tmp_path, c
     launch([*train_args(corpus, again), "--resume_from_checkpoint", again / "checkpoints" / "step_6"],
            num_processes=resumed_by, config_file=CONFIGS[name][0])
     assert_same_losses(train_losses(again), train_losses(out), steps=range(7, 9))
+
+
+def test_a_conversion_longer_than_the_process_group_timeout_still_resumes(tmp_path, corpus, runs):
+    """The main process converts a 1-process ZeRO-2 checkpoint for 2 processes while the other waits on
+    the filesystem, not in a collective: a conversion slower than --ddp_timeout (a 70B checkpoint takes
+    hours) no longer kills the waiting rank and, with it, the converter."""
+    import subprocess
+
+    from conftest import launch_command
+
+    out = tmp_path / "resumed"
+    shutil.copytree(runs("zero2", 1), out)
+    cmd, env = launch_command([*train_args(corpus, out), "--resume_from_checkpoint", out / "checkpoints" / "step_3",
+                               "--ddp_timeout", 10], num_processes=2, config_file=CONFIGS["zero2"][0])
+    train = cmd.index(str(ROOT / "train.py"))
+    cmd[train:train] = [str(ROOT / "tests" / "slow_conversion.py"), "25"]  # 25 s > the 10 s timeout
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "converting" in done.stdout and (out / "checkpoints" / "step_3" / "universal").is_dir()
+    assert_same_losses(train_losses(out), train_losses(runs("zero2", 1)), steps=range(4, 9))
+
+
+def test_convert_checkpoint_ahead_of_the_job(tmp_path, corpus, runs):
+    """convert_checkpoint.py writes STEP/universal before the launch; the resume on another count loads it
+    without converting."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ahead"
+    shutil.copytree(runs("zero2", 2), out)
+    step = out / "checkpoints" / "step_3"
+    done = subprocess.run([sys.executable, str(ROOT / "convert_checkpoint.py"), str(step), "--workers", "2"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "converted in" in done.stdout and (step / "universal").is_dir(), done.stderr[-3000:]
+    result = launch([*train_args(corpus, out), "--resume_from_checkpoint", step], num_processes=1,
+                    config_file=CONFIGS["zero2"][0])
+    assert "converting" not in result.stdout
+    assert_same_losses(train_losses(out), train_losses(runs("zero2", 2)), steps=range(4, 9))

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import math
 import os
 import random
 import signal
@@ -107,6 +108,58 @@ def test_sigterm_saves_a_checkpoint_and_exits_75(tmp_path, corpus, reference):
     code, _, err = run(args)
     assert code == 0, err[-3000:]
     assert_same_run(out, reference)
+
+
+def start_with(args, env):
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *map(str, args)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
+
+
+@pytest.mark.parametrize("seconds_left, saves", [(30, False), (3600, True)])
+def test_a_save_that_cannot_end_before_the_job_does_is_not_started(seconds_left, saves, tmp_path, corpus):
+    """The job ends at JOB_END_TIME (slurm/train.sbatch exports it): with 30 s left, less than the slowest
+    save so far plus the 60 s margin, the stop saves nothing (a save the scheduler kills half-way is
+    lost work and a torn directory) and says so; with an hour left it saves. Exit 75 and the exit-status
+    file either way."""
+    out, status = tmp_path / "out", tmp_path / "status"
+    process = start_with(["--train_file", corpus, "--output_dir", out, *RUN],
+                         {"JOB_END_TIME": str(time.time() + seconds_left), "EXIT_STATUS_FILE": str(status)})
+    assert wait_for(lambda: max(logged_steps(out), default=0) >= 13, process)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 75 and status.read_text() == "75\n", stderr[-3000:]
+    step = max(logged_steps(out))
+    saved = (out / "checkpoints" / f"step_{step}").is_dir()
+    assert saved == saves and (out / "checkpoints" / "step_10").is_dir()  # the regular one, measured
+    if not saves:
+        assert f"SIGTERM received after step {step}: a save takes up to" in stdout
+        assert "so none was started" in stdout
+
+
+def test_the_exit_status_file_says_what_happened(tmp_path, corpus):
+    status = tmp_path / "status"
+    code, _, _ = run(["--train_file", corpus, "--output_dir", tmp_path / "bad", "--block_size", 0])
+    assert code == 2  # bad input
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--block_size", "0"], cwd=ROOT,
+                            capture_output=True, text=True, env={**os.environ, "EXIT_STATUS_FILE": str(status)})
+    assert result.returncode == 2 and status.read_text() == "2\n"
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--block_size", "0"], cwd=ROOT,
+                            capture_output=True, text=True,
+                            env={**os.environ, "EXIT_STATUS_FILE": str(tmp_path / "other"), "RANK": "1"})
+    assert not (tmp_path / "other").exists()  # the job's first process writes it, no other
+
+
+def test_time_left_is_the_nearest_known_end(monkeypatch):
+    from utils.faults import StopSignal
+
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # leave pytest's own handlers alone
+    now = time.time()
+    assert StopSignal(env={}).time_left() == math.inf  # outside a scheduler: always save
+    assert StopSignal(env={"JOB_END_TIME": str(now + 100)}).time_left() == pytest.approx(100, abs=5)
+    stop = StopSignal(env={"JOB_END_TIME": str(now + 100), "PREEMPT_GRACE_SECONDS": "30"})
+    assert stop.time_left() == pytest.approx(100, abs=5)  # no signal yet: the grace time has not started
+    stop.received_at = now
+    assert stop.time_left() == pytest.approx(30, abs=5)
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, corpus):

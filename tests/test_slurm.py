@@ -110,8 +110,10 @@ def sbatch(env, tmp_path, name, args, wait=True):
 def test_sbatch_trains_is_preempted_and_resumes(cluster, tmp_path, corpus):
     # 1. A whole job: trains with 2 processes and writes results.json.
     full = tmp_path / "full"
-    _, log = sbatch(cluster, tmp_path, "full", ["--train_file", corpus, "--output_dir", full, *RUN])
+    job, log = sbatch(cluster, tmp_path, "full", ["--train_file", corpus, "--output_dir", full, *RUN])
     res = json.loads((full / "results.json").read_text())
+    shown = subprocess.run(["scontrol", "show", "job", "-o", job], env=cluster, capture_output=True, text=True).stdout
+    assert " ExitCode=0:0 " in f" {shown} ", shown
     assert (res["num_processes"], res["distributed_type"], res["mixed_precision"]) == (2, "MULTI_CPU", "no"), \
         log.read_text()[-3000:]
 
@@ -128,6 +130,10 @@ def test_sbatch_trains_is_preempted_and_resumes(cluster, tmp_path, corpus):
         time.sleep(0.5)
     text = log.read_text()
     assert "SIGTERM received: saved" in text, text[-5000:]
+    # the job says what happened: stopped on a signal after saving, requeue it (the launcher alone says 1)
+    shown = subprocess.run(["scontrol", "show", "job", "-o", job], env=cluster, capture_output=True, text=True).stdout
+    assert " ExitCode=75:0 " in f" {shown} ", shown
+    assert "SignalException" not in text  # torchrun's agent left SIGTERM alone
     step = int(text.split("SIGTERM received: saved")[1].split("after step ")[1].split(";")[0])
     assert step > 10 and (out / "checkpoints" / f"step_{step}" / "trainer_state.json").is_file()
 

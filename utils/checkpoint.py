@@ -13,18 +13,20 @@ import os
 import re
 import shutil
 import threading
+import time
 from dataclasses import dataclass, field
 
 from accelerate.utils import broadcast_object_list, gather_object
 
 from utils.errors import UserError
 from utils.faults import TrainingDiverged
-from utils.files import publish, sync_filesystem, temporary_name, write_atomic
+from utils.files import publish, sync_filesystem, temporary_name, wait_for, write_atomic
 
 STATE_FILE = "trainer_state.json"
 DEEPSPEED_TAG = "pytorch_model"  # accelerate's save_state names DeepSpeed's checkpoint tag so
 UNIVERSAL = "universal"  # CHECKPOINT/universal: the DeepSpeed shards converted for another process count
 _COMPLETE = re.compile(r"^step_(\d+)$")
+SAVE_MARGIN = 60  # seconds a save on a stop signal leaves to spare: the step in flight, the exit
 DELETING = ".old"  # step_N.old: a checkpoint being deleted in the background (never resumed from)
 
 
@@ -103,9 +105,14 @@ def prepare_resume(accelerator, checkpoint, state):
     if accelerator.state.deepspeed_plugin is None or saved_by == accelerator.num_processes:
         return checkpoint
     universal = os.path.join(checkpoint, UNIVERSAL)
-    if accelerator.is_main_process and not os.path.isdir(universal):
-        _convert_to_universal(checkpoint, universal)
-    accelerator.wait_for_everyone()
+    if not os.path.isdir(universal):
+        if accelerator.is_main_process:
+            accelerator.print(f"converting {checkpoint} to DeepSpeed's universal format for {accelerator.num_processes} "
+                              "processes (about 2 minutes per billion parameters; convert_checkpoint.py does it "
+                              "before the job)")
+            convert_to_universal(checkpoint)
+        else:  # a wait on the filesystem, not in a collective: no --ddp_timeout cuts a long conversion short
+            wait_for([universal], f"the universal format of {checkpoint}, which the main process converts")
     accelerator.state.deepspeed_plugin.deepspeed_config.setdefault("checkpoint", {})["load_universal"] = True
     return universal
 
@@ -115,11 +122,28 @@ def _layout(distributed_type):
     return {"DEEPSPEED": "DeepSpeed ZeRO", "FSDP": "FSDP"}.get(distributed_type, "whole-model (DDP / 1 process)")
 
 
-def _convert_to_universal(checkpoint, universal):
+def conversion_workers(checkpoint, cpus=None, available=None):
+    """Processes for ds_to_universal: every core, as long as each has memory for the largest ZeRO shard
+    file twice over (an extract worker loads one whole file; a merge worker holds one parameter's slices)."""
+    cpus = cpus or os.cpu_count() or 1
+    if available is None:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    shards = [entry.stat().st_size for entry in os.scandir(os.path.join(checkpoint, DEEPSPEED_TAG))
+              if entry.name.endswith("optim_states.pt")]
+    return max(1, min(cpus, available // max(2 * max(shards, default=1), 1)))
+
+
+def convert_to_universal(checkpoint, workers=None):
+    """CHECKPOINT/universal: DeepSpeed's universal format of a ZeRO checkpoint, for a resume on another
+    process count; with `workers` processes (default: conversion_workers). Returns its path."""
     import argparse
 
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
+    universal = os.path.join(checkpoint, UNIVERSAL)
+    workers = workers or conversion_workers(checkpoint)
     for name in os.listdir(checkpoint):  # left by a conversion that was killed
         if name.startswith(UNIVERSAL + ".tmp"):
             shutil.rmtree(os.path.join(checkpoint, name), ignore_errors=True)
@@ -128,7 +152,7 @@ def _convert_to_universal(checkpoint, universal):
     try:
         ds_to_universal(argparse.Namespace(
             input_folder=os.path.join(checkpoint, DEEPSPEED_TAG), output_folder=os.path.join(tmp, DEEPSPEED_TAG),
-            num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+            num_extract_workers=workers, num_merge_workers=workers, keep_temp_folder=False, strict=True,
             inject_missing_state=True))  # transformers models carry no universal_checkpoint_info of their own
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -138,7 +162,7 @@ def _convert_to_universal(checkpoint, universal):
     for name in os.listdir(checkpoint):  # accelerate's own files: RNG states, scheduler, trainer state
         if os.path.isfile(os.path.join(checkpoint, name)) and name != "latest":
             shutil.copy2(os.path.join(checkpoint, name), tmp)
-    publish(tmp, universal)
+    return publish(tmp, universal)
 
 
 def load_checkpoint(accelerator, checkpoint, state, samples_per_step, model=None):
@@ -271,6 +295,7 @@ class Checkpointer:
         self.resume_from, self.resume_state = resolve_resume(output_dir, resume)
         self._load_from, self.data = None, None
         self.deleter = BackgroundDeleter()
+        self.save_seconds = None  # the slowest save of this run so far, on any process
 
     def check_data(self, signature):
         """Refuse to resume on other training data than the checkpoint's (utils/data.py data_signature),
@@ -333,8 +358,18 @@ class Checkpointer:
         """Save `state` with the model, optimizer, scheduler and RNG states; call on every process.
         While a loss spike may be starting, the save deletes no older checkpoint: a rollback may need one."""
         suspect = self.spikes is not None and self.spikes.suspect
-        return save_checkpoint(self.accelerator, self.output_dir, self._record(state),
+        start = time.perf_counter()
+        path = save_checkpoint(self.accelerator, self.output_dir, self._record(state),
                                None if suspect else self.total_limit, self.model_files, self.deleter)
+        slowest = max(gather_object([time.perf_counter() - start]))  # the same number on every process
+        self.save_seconds = max(self.save_seconds or 0.0, slowest)
+        return path
+
+    def save_fits(self, seconds_left):
+        """Whether a save started now ends before the process is killed, judged by the slowest save so far
+        with a quarter more and SAVE_MARGIN seconds to spare (none yet: try). The same answer on every
+        process: both numbers are agreed."""
+        return self.save_seconds is None or seconds_left >= 1.25 * self.save_seconds + SAVE_MARGIN
 
     def _record(self, state):
         """trainer_state.json of a checkpoint of `state` (collective: the data position may be every process's)."""

@@ -5,6 +5,7 @@ Bad input (a missing file, a flag that contradicts a config, a corrupt checkpoin
 traceback. `--debug` (or `debug: true` in a recipe) shows the traceback instead.
 """
 
+import os
 import sys
 
 
@@ -28,8 +29,30 @@ def run_cli(main, argv=None):
     try:
         code = main(argv)
     except UserError as error:
+        record_exit(error.exit_code)
         if show_tracebacks:
             raise
         print(f"error: {error}", file=sys.stderr)
         code = error.exit_code
+    except SystemExit as done:
+        record_exit(done.code if isinstance(done.code, int) else 1)
+        raise
+    except BaseException:
+        record_exit(1)
+        raise
+    record_exit(code or 0)
     sys.exit(code or 0)
+
+
+def record_exit(code):
+    """Write the exit code to $EXIT_STATUS_FILE, on the first process of the job only: a launcher
+    (torchrun under `accelerate launch`) turns any worker's non-zero code into its own 1, and a job
+    script (slurm/train.sbatch) reads the file to exit with what happened: 0 done, 75 stopped on a
+    signal (requeue), 3 diverged, 2 bad input, 1 a crash."""
+    path = os.environ.get("EXIT_STATUS_FILE")
+    if path and os.environ.get("RANK", "0") == "0":
+        try:
+            with open(path, "w") as f:
+                f.write(f"{code}\n")
+        except OSError:
+            pass
