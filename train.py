@@ -130,7 +130,8 @@ def main(argv=None):
     terminal = sys.stdout.isatty()  # a bar that redraws itself; a log file (SLURM, nohup) gets plain lines
     metrics = TrainingMetrics(accelerator, args.output_dir, args.logging_steps, samples_per_step * args.block_size,
                               flops_per_token, device_peak_flops(accelerator.device, args.peak_flops),
-                              resumed_at=state.step if checkpointer.resume_from else None, plain_lines=not terminal)
+                              resumed_at=state.step if checkpointer.resume_from else None, plain_lines=not terminal,
+                              resumed_data_steps=state.data_steps if checkpointer.resume_from else None)
     accelerator.init_trackers(args.project_name, config=plan.tracker_config(args),
                               init_kwargs=tracker_init_kwargs(args.output_dir, args.run_name))
     if state.initial_eval_loss is None:
@@ -189,9 +190,11 @@ def main(argv=None):
             if spikes and spikes.sustained:  # back to the newest checkpoint before the spike; its data is skipped
                 with metrics.paused():
                     state, rolled = checkpointer.rollback(state, args.max_rollbacks)
-                metrics.rolled_back(rolled)
-                progress.n = state.step
-                continue
+                metrics.rolled_back(state, rolled)
+                if rolled:  # None: no checkpoint from before the spike, its updates were skipped
+                    progress.n = state.step
+                    profiler.rolled_back(state.step)
+                    continue
 
             with metrics.paused():  # evaluation and saving are not training time
                 if (args.eval_steps and state.step % args.eval_steps == 0) or state.step == max_steps:
@@ -297,14 +300,14 @@ def save_and_exit(accelerator, checkpointer, state, saved, stop):
     """Preemption or Ctrl-C, agreed by every process: keep the step just done (`saved` if the regular
     schedule saved it already) and exit with EXIT_PREEMPTED, which asks a scheduler to requeue. A save
     that would not end before the job is killed is not started: the last checkpoint stays the newest."""
-    signal_name = stop.received or "stop signal"
-    if saved or checkpointer.save_fits(stop.seconds_left):
+    signal_name, seconds_left = stop.received or "stop signal", stop.agreed_time_left(accelerator)
+    if saved or checkpointer.save_fits(seconds_left):
         path = saved or checkpointer.save(state)
         accelerator.print(f"{signal_name} received: saved {path} after step {state.step}; "
                           "run the same command with --resume_from_checkpoint latest to continue")
     else:
         accelerator.print(f"{signal_name} received after step {state.step}: a save takes up to "
-                          f"{checkpointer.save_seconds:.0f} s and {stop.seconds_left:.0f} s are left before the job "
+                          f"{checkpointer.save_seconds:.0f} s and {seconds_left:.0f} s are left before the job "
                           "is killed, so none was started; run the same command with --resume_from_checkpoint latest "
                           "to continue from the last checkpoint (save more often, or signal earlier: "
                           "#SBATCH --signal=TERM@SECONDS)")

@@ -53,16 +53,18 @@ def test_old_checkpoints_are_deleted_off_the_training_path(tmp_path, accelerator
     for step in (2, 4):
         save(accelerator, tmp_path, step, 1, deleter)
     root = tmp_path / "checkpoints"
-    assert sorted(os.listdir(root)) == ["step_2.old", "step_4"]  # returned with the deletion still running
+    doomed, kept = sorted(os.listdir(root))
+    assert doomed.startswith("step_2.") and doomed.endswith(".old") and kept == "step_4"  # deletion still running
     assert resolve_resume(str(tmp_path), "latest")[0] == str(root / "step_4")
     release.set()
     deleter.wait()
-    assert deleting == ["step_2.old"] and os.listdir(root) == ["step_4"]
-    (root / "step_1.old").mkdir()  # left by a run killed while deleting
-    (root / "step_1.old" / "trainer_state.json").write_text("{}")
-    save(accelerator, tmp_path, 6, 1, deleter)
+    assert deleting == [doomed] and os.listdir(root) == ["step_4"]
+    (root / "step_6.old").mkdir()  # left by a run killed while deleting, under the name step_6 will get
+    (root / "step_6.old" / "trainer_state.json").write_text("{}")
+    for step in (6, 8):
+        save(accelerator, tmp_path, step, 1, deleter)
     deleter.wait()
-    assert os.listdir(root) == ["step_6"]
+    assert os.listdir(root) == ["step_8"]
 
 
 def test_each_process_flushes_what_it_wrote_before_the_rename(tmp_path, accelerator, monkeypatch):
@@ -87,6 +89,22 @@ def test_truncated_metrics_line_does_not_stop_a_resume(tmp_path, accelerator):
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 7)) + '{"step": 7, "lo')
     MetricsLog(accelerator, str(tmp_path), keep_through_step=4)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_a_resume_keeps_the_spike_events_of_the_data_before_its_checkpoint(tmp_path, accelerator):
+    """A rollback from step 45 to 40 skipped the data of steps 41-45; the rewritten step_40 holds data
+    step 45. A resume from it keeps the skips that led to the rollback (steps 43-45 by number, but their
+    data is before the checkpoint's) and the rollback itself, and drops what it logs again."""
+    path = tmp_path / "metrics.jsonl"
+    records = [{"step": s, "loss": 1.0} for s in range(1, 46)] + [
+        {"step": 43, "event": "skipped", "data_step": 43}, {"step": 45, "event": "skipped", "data_step": 45},
+        {"step": 40, "event": "rollback", "data_steps_skipped": [41, 45]}] + [
+        {"step": s, "loss": 1.0} for s in range(41, 51)] + [{"step": 47, "event": "skipped", "data_step": 52}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    MetricsLog(accelerator, str(tmp_path), keep_through_step=40, keep_through_data_step=45)
+    kept = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in kept if "loss" in r] == list(range(1, 41))
+    assert [r["step"] for r in kept if "event" in r] == [43, 45, 40]
 
 
 def test_perplexity_of_a_huge_loss_is_inf():

@@ -178,6 +178,11 @@ def test_flash_attention_without_its_package_is_one_line_before_any_work(tmp_pat
         parse_args(["--attn_implementation", "flash_attention_2", "--output_dir", str(tmp_path)])
 
 
+def test_a_spike_window_of_one_step_is_refused():
+    with pytest.raises(UserError, match="--spike_window must be at least 2"):
+        parse_args(["--spike_window", "1"])
+
+
 def test_help_lists_flags_with_their_defaults():
     """README: `python train.py -h` lists them all with their defaults (the recipe-only --datasets stays hidden)."""
     result = subprocess.run([sys.executable, "train.py", "-h"], cwd=ROOT, capture_output=True, text=True)

@@ -160,6 +160,7 @@ def test_time_left_is_the_nearest_known_end(monkeypatch):
     assert stop.time_left() == pytest.approx(100, abs=5)  # no signal yet: the grace time has not started
     stop.received_at = now
     assert stop.time_left() == pytest.approx(30, abs=5)
+    assert StopSignal(env={"JOB_END_TIME": str(now - 3600)}).time_left() == math.inf  # broken: ignored
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, corpus):

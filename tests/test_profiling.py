@@ -101,6 +101,36 @@ def test_an_out_of_memory_error_writes_a_memory_snapshot_and_says_where(tmp_path
     assert profiler.memory_history
 
 
+def test_the_breakdown_reads_the_cpu_annotations_of_steps_that_trained():
+    """On a GPU kineto copies each annotation onto the GPU's timeline (gpu_user_annotation): counted once.
+    An epoch's end opens a step annotation that trains nothing: not a step."""
+    def event(name, ts, dur, cat="user_annotation", tid=1):
+        return {"ph": "X", "name": name, "ts": ts, "dur": dur, "cat": cat, "pid": 1, "tid": tid}
+    trace = {"traceEvents": [
+        event("step 5", 0, 100), event("data wait", 0, 10), event("forward", 10, 30), event("backward", 40, 40),
+        event("nccl:all_reduce", 60, 10, cat="cpu_op"), event("optimizer", 80, 15),
+        event("step 5", 0, 100, cat="gpu_user_annotation", tid=7), event("forward", 10, 30, cat="gpu_user_annotation", tid=7),
+        event("step 6", 200, 1)]}  # the empty one
+    parts = breakdown(trace)
+    assert parts["count"] == 1 and parts["step_seconds"] == pytest.approx(100e-6)
+    assert parts["parts"] == pytest.approx({"data wait": 10e-6, "forward": 30e-6, "backward": 30e-6,
+                                            "optimizer": 15e-6, "communication": 10e-6, "other": 5e-6})
+
+
+def test_a_rollback_drops_a_trace_in_progress(tmp_path):
+    class Cpu(FakeAccelerator):
+        class device:
+            type = "cpu"
+    profiler = StepProfiler((2, 3), None, Cpu, str(tmp_path))
+    steps = profiler.steps(iter(range(10)), 0)
+    next(steps)  # step 1
+    profiler.step_done(1)
+    next(steps)  # step 2: recording
+    assert profiler._profiler is not None
+    profiler.rolled_back(0)
+    assert profiler._profiler is None and profiler._step == 0 and not (tmp_path / "profile").exists()
+
+
 def test_on_a_cpu_nothing_cuda_is_touched(tmp_path, monkeypatch):
     import torch
 

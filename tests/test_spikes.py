@@ -225,14 +225,29 @@ def test_too_many_rollbacks_stop_with_exit_code_3_and_keep_the_checkpoints(files
     done = train(["--train_file", files / "poisoned.jsonl", "--output_dir", out, *TINY, *RUN, "--max_rollbacks", 0])
     assert done.returncode == 3, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
-    assert "after 0 rollbacks (--max_rollbacks 0)" in last and "Traceback" not in done.stderr
+    assert "came back after 0 rollbacks (--max_rollbacks 0)" in last and "Traceback" not in done.stderr
     assert (out / "checkpoints" / "step_40").is_dir() and not (out / "model.safetensors").exists()
 
 
-def test_no_checkpoint_before_the_spike_stops_with_exit_code_3(files, tmp_path):
+def test_no_checkpoint_before_the_spike_skips_its_updates_and_goes_on(files, tmp_path):
+    """Spike handling is on by default and checkpoints are not: a sustained spike with nothing to roll
+    back to skips its outliers' updates and the run finishes, as it did before there was a rollback."""
     out = tmp_path / "no_checkpoint"
     done = train(["--train_file", files / "poisoned.jsonl", "--output_dir", out, *TINY, *RUN, "--checkpointing_steps", 50])
-    assert done.returncode == 3 and "no checkpoint from before it" in done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = events(out)
+    assert [e["event"] for e in found].count("not_rolled_back") >= 1 and "rollback" not in [e["event"] for e in found]
+    assert "no checkpoint from before it" in done.stdout and results(out)["steps"] == 100
+
+
+def test_rollbacks_count_per_spike_not_per_run():
+    from utils.checkpoint import rollbacks_of_this_spike
+
+    weeks_apart = [dict(at_step=1000, to_step=900), dict(at_step=50_000, to_step=49_900)]
+    assert rollbacks_of_this_spike(weeks_apart, 90_000, window=128) == 0  # a new spike
+    back_again = [dict(at_step=1000, to_step=900), dict(at_step=1010, to_step=900), dict(at_step=1005, to_step=900)]
+    assert rollbacks_of_this_spike(back_again, 1020, window=128) == 3
+    assert rollbacks_of_this_spike(back_again[1:], 5000, window=128) == 0
 
 
 @pytest.mark.distributed

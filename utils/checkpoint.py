@@ -56,6 +56,22 @@ def _save_index(checkpoint):
         return 0  # unreadable: oldest (resolve_resume reports it if it is ever picked)
 
 
+def _step_of(checkpoint):
+    """A complete checkpoint's step, from its directory name (step_N)."""
+    return int(_COMPLETE.match(os.path.basename(checkpoint)).group(1))
+
+
+def rollbacks_of_this_spike(rollbacks, step, window):
+    """How many of the last rollbacks a spike at `step` came back after: each came back within `window`
+    training steps of the one before (a spike months later is another spike)."""
+    count, since = 0, step
+    for earlier in reversed(rollbacks):
+        if since - earlier["to_step"] > window:
+            break
+        count, since = count + 1, earlier["at_step"]
+    return count
+
+
 def resolve_resume(output_dir, requested):
     """(checkpoint directory, its state) to resume from, or (None, None) to start fresh.
 
@@ -123,13 +139,21 @@ def _layout(distributed_type):
 
 
 def conversion_workers(checkpoint, cpus=None, available=None):
-    """Processes for ds_to_universal: every core, as long as each has memory for the largest ZeRO shard
-    file twice over (an extract worker loads one whole file; a merge worker holds one parameter's slices)."""
-    cpus = cpus or os.cpu_count() or 1
+    """Processes for ds_to_universal: every core this process may use, as long as each has memory for the
+    largest ZeRO shard file twice over (an extract worker loads one whole file; a merge worker holds one
+    parameter's slices), within the machine's and the job's (cgroup: SLURM, containers) limits."""
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     if available is None:
         import psutil
 
         available = psutil.virtual_memory().available
+        try:  # cgroup v2: the job's own limit
+            limit = open("/sys/fs/cgroup/memory.max").read().strip()
+            if limit != "max":
+                available = min(available, int(limit) - int(open("/sys/fs/cgroup/memory.current").read()))
+        except (OSError, ValueError):
+            pass
     shards = [entry.stat().st_size for entry in os.scandir(os.path.join(checkpoint, DEEPSPEED_TAG))
               if entry.name.endswith("optim_states.pt")]
     return max(1, min(cpus, available // max(2 * max(shards, default=1), 1)))
@@ -178,6 +202,8 @@ def load_checkpoint(accelerator, checkpoint, state, samples_per_step, model=None
                         "resume from an earlier one or start fresh") from e
     if os.path.basename(checkpoint) == UNIVERSAL and getattr(model, "zero_optimization_stage", lambda: 0)() == 3:
         _repair_zero3_universal_load(model.optimizer.optimizer, checkpoint)
+    if os.path.basename(checkpoint) == UNIVERSAL and hasattr(model, "_config"):  # loaded: this run's own
+        model._config.load_universal_checkpoint = False  # checkpoints (a rollback's) are not universal
     # load_state restores accelerate's micro-batch counter, counted under the saved run's accumulation
     # (2 processes x 1 saved at step 3 = 3, which 1 process x 2 would read as half-way through a step).
     # A checkpoint always sits on an optimizer-step boundary: the next micro-batch starts a new step.
@@ -217,9 +243,9 @@ class BackgroundDeleter:
 
     def delete(self, paths, root):
         doomed = [os.path.join(root, name) for name in os.listdir(root) if name.endswith(DELETING)]
-        for path in paths:
-            os.replace(path, path + DELETING)
-            doomed.append(path + DELETING)
+        for path in paths:  # a unique name: a leftover step_N.old of a killed run may still be there
+            doomed.append(temporary_name(path) + DELETING)
+            os.replace(path, doomed[-1])
         if doomed:
             thread = threading.Thread(target=lambda: [shutil.rmtree(p, ignore_errors=True) for p in doomed],
                                       name="delete-checkpoints")
@@ -331,7 +357,7 @@ class Checkpointer:
         run_config (the flags), model_files saved with each checkpoint (model config, tokenizer) and
         the spike detector (utils/spikes.py), whose state a checkpoint holds too."""
         self.accelerator, self.train_order, self.samples_per_step = accelerator, train_order, samples_per_step
-        self.run_config, self.model_files, self.spikes = run_config, model_files, spikes
+        self.run_config, self.model_files, self.spikes, self.model = run_config, model_files, spikes, model
         if not self.resume_from:
             if self.requested:
                 accelerator.print(f"no checkpoint in {checkpoints_dir(self.output_dir)} yet: starting fresh")
@@ -387,31 +413,32 @@ class Checkpointer:
         (weights, optimizer, schedule, RNG, the detector's window) and keep reading the data from where it
         stands, so what led into the spike is skipped. That checkpoint's trainer_state.json then records
         the new data position and the checkpoints saved after it go: a resume, or a second rollback to it,
-        never reads the skipped data again. Returns (the new TrainState, the rollback's record). Stops the
-        run (exit code 3, checkpoints kept) after `max_rollbacks`, or with no checkpoint to go back to."""
+        never reads the skipped data again. Returns (the new TrainState, the rollback's record), or (state,
+        None) with no checkpoint from before the spike (the outliers are skipped, the run goes on). Stops
+        the run (exit code 3, checkpoints kept) when one spike needs more than `max_rollbacks`: rollbacks
+        that each came back within a detector window of the one before count as one spike's."""
         accelerator, spikes = self.accelerator, self.spikes
         first = spikes.outliers[0]
-        if len(state.rollbacks) >= max_rollbacks:
-            raise TrainingDiverged(f"stopped at step {state.step}: a loss spike since step {first} after "
-                                   f"{len(state.rollbacks)} rollbacks (--max_rollbacks {max_rollbacks}); checkpoints "
-                                   "kept: lower --learning_rate, check the data near the steps in metrics.jsonl, "
-                                   "then resume")
+        again = rollbacks_of_this_spike(state.rollbacks, state.step, spikes.window)
+        if again >= max_rollbacks:
+            raise TrainingDiverged(f"stopped at step {state.step}: a loss spike since step {first} came back after "
+                                   f"{again} rollbacks (--max_rollbacks {max_rollbacks}); checkpoints kept: lower "
+                                   "--learning_rate, check the data near the steps in metrics.jsonl, then resume")
         target = [None]
         if accelerator.is_main_process:
-            before = [path for path in complete_checkpoints(self.output_dir) if read_state(path)["step"] < first]
+            before = [path for path in complete_checkpoints(self.output_dir) if _step_of(path) < first]
             target = [before[-1] if before else None]
         target = broadcast_object_list(target)[0]
         if target is None:
-            raise TrainingDiverged(f"stopped at step {state.step}: a loss spike since step {first} and no checkpoint "
-                                   "from before it to roll back to: save more often (--checkpointing_steps), lower "
-                                   "--learning_rate or check the data")
+            spikes.outliers = []  # skipped, as isolated ones; the next sustained spike may find a checkpoint
+            return state, None
         saved = read_state(target)
         if accelerator.state.deepspeed_plugin is not None and saved.get("num_processes") != accelerator.num_processes:
             raise TrainingDiverged(f"stopped at step {state.step}: a loss spike since step {first}, and {target} was "
                                    f"saved by {saved.get('num_processes')} DeepSpeed processes, not "
                                    f"{accelerator.num_processes}: resume from it (it converts) to roll back")
         self.deleter.wait()
-        load_checkpoint(accelerator, target, saved, self.samples_per_step)
+        load_checkpoint(accelerator, target, saved, self.samples_per_step, self.model)
         saved_data_steps = saved.get("data_steps", saved["step"])
         rolled = dict(at_step=state.step, to_step=saved["step"], outliers=list(spikes.outliers),
                       data_steps_skipped=[saved_data_steps + 1, state.data_steps], checkpoint=os.path.basename(target))
@@ -425,12 +452,13 @@ class Checkpointer:
                          initial_eval_loss=state.initial_eval_loss, data_steps=state.data_steps,
                          rollbacks=[*state.rollbacks, rolled])
         spikes.load_state_dict(saved.get("spikes"))  # the window as it was before the spike
+        spikes.outliers = []  # an older spike's outliers must not count towards the next rollback
         record = self._record(new)
-        if accelerator.is_main_process:
+        if accelerator.is_main_process:  # first the target's new state (newest, past the spike), then the rest goes
             saved_after = complete_checkpoints(self.output_dir)
-            self.deleter.delete(saved_after[saved_after.index(target) + 1:], checkpoints_dir(self.output_dir))
             write_atomic(os.path.join(target, STATE_FILE), json.dumps(
                 {**saved, **record, "save_index": _save_index(saved_after[-1]) + 1}, indent=2))
+            self.deleter.delete(saved_after[saved_after.index(target) + 1:], checkpoints_dir(self.output_dir))
         accelerator.wait_for_everyone()
         return new, rolled
 

@@ -134,7 +134,8 @@ def build_parser():
              "applies an outlier's update, so the model drifts toward the bad data and fewer later steps stand out)")
     add("--spike_rollback_window", type=int, default=16, help="steps within which outliers count as one spike")
     add("--max_rollbacks", type=int, default=3,
-        help="stop (exit code 3, checkpoints kept) at the sustained spike after this many rollbacks")
+        help="stop (exit code 3, checkpoints kept) when one spike comes back after this many rollbacks (a rollback "
+             "within --spike_window steps of the one before counts as the same spike's)")
     add("--profile_steps", metavar="A:B",
         help=f"record a torch.profiler trace of optimizer steps A to B (at most {MAX_STEPS}) into OUTPUT_DIR/profile: "
              "a gzipped Chrome trace per rank (Perfetto, TensorBoard) and the steps' time by part in report.md")
@@ -213,8 +214,10 @@ def validate(args, writes_store=False):
                  "gradient_accumulation_steps", "logging_steps", "num_train_epochs"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
+    if args.spike_window < 2:
+        raise UserError(f"--spike_window must be at least 2 (got {args.spike_window}): a deviation needs two steps")
     for flag in ("max_train_steps", "max_eval_samples", "stream_shuffle_blocks", "stream_readers", "eval_steps",
-                 "checkpointing_steps", "spike_window", "spike_rollback_outliers", "spike_rollback_window",
+                 "checkpointing_steps", "spike_rollback_outliers", "spike_rollback_window",
                  "checkpoints_total_limit", "global_batch_size"):
         value = getattr(args, flag)
         if value is not None and value < 1:

@@ -30,14 +30,15 @@ class StopSignal:
     The processes agree on the stop without stalling the device: each step starts an all-reduce of
     the flags on a CPU (gloo) group in the background and reads the one started a step earlier, which
     has long finished. So all processes stop after the same step, one step after the first signal.
-    The same all-reduce agrees on `seconds_left`, the least time any process has before it is killed.
+    Then `agreed_time_left` agrees on the least time any process has before it is killed.
     """
 
     def __init__(self, timeout_seconds=1800, env=os.environ):
         self.timeout = timedelta(seconds=timeout_seconds)  # --ddp_timeout, as the other groups (gloo's own: 30 min)
-        self.env = env
+        end = float(env.get("JOB_END_TIME") or 0)
+        self.job_end = end if end > time.time() else None  # one already past is a broken value, not a deadline
+        self.grace = float(env.get("PREEMPT_GRACE_SECONDS") or 0) or None
         self.received, self.received_at, self._interrupts = None, None, 0
-        self.seconds_left = math.inf  # agreed by every process once they stop
         self._group, self._pending = None, None
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._handle)
@@ -55,28 +56,35 @@ class StopSignal:
         """Seconds before this process is killed: to the job's end (JOB_END_TIME, a Unix time that
         slurm/train.sbatch exports), or PREEMPT_GRACE_SECONDS after the signal (a cluster's preemption
         grace time); inf when neither is known (a run outside a scheduler)."""
-        ends = [float(self.env["JOB_END_TIME"])] if self.env.get("JOB_END_TIME") else []
-        if self.received_at and self.env.get("PREEMPT_GRACE_SECONDS"):
-            ends.append(self.received_at + float(self.env["PREEMPT_GRACE_SECONDS"]))
+        ends = [self.job_end] if self.job_end else []
+        if self.received_at and self.grace:
+            ends.append(self.received_at + self.grace)
         return min(ends, default=math.inf) - time.time()
 
     def agreed(self, accelerator):
         """True on every process, after the same step, once any process got a signal."""
         if accelerator.num_processes == 1:
-            self.seconds_left = self.time_left()
             return self.received is not None
         if self._group is None:  # once; a collective call on every process
             self._group = torch.distributed.new_group(backend="gloo", timeout=self.timeout)
         stop = False
         if self._pending is not None:
-            work, flags = self._pending
+            work, flag = self._pending
             work.wait()  # started a step ago: done by now, and it never touches the GPU stream
-            stop, self.seconds_left = flags[0].item() < 0, flags[1].item()
-        # one minimum for both: -1 if any process got a signal, and the least time left of any process
-        flags = torch.tensor([-float(self.received is not None), min(self.time_left(), 1e15)], dtype=torch.float64)
-        self._pending = (torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN, group=self._group,
-                                                      async_op=True), flags)
+            stop = flag.item() > 0
+        flag = torch.tensor([float(self.received is not None)])
+        self._pending = (torch.distributed.all_reduce(flag, group=self._group, async_op=True), flag)
         return stop
+
+    def agreed_time_left(self, accelerator):
+        """Once the processes stop: the least time any of them has left, the same number on every process
+        (one blocking all-reduce; the run is ending)."""
+        if accelerator.num_processes == 1:
+            return self.time_left()
+        self.close()
+        left = torch.tensor([min(self.time_left(), 1e15)], dtype=torch.float64)
+        torch.distributed.all_reduce(left, op=torch.distributed.ReduceOp.MIN, group=self._group)
+        return left.item()
 
     def close(self):
         """Finish the last background all-reduce (before the process group goes away)."""

@@ -94,14 +94,19 @@ class MetricsLog:
     """One JSON object per line in OUTPUT_DIR/metrics.jsonl, mirrored to accelerate's trackers.
 
     A resumed run keeps the records up to its checkpoint's step and drops the later ones, which
-    it is about to log again; a fresh run starts an empty file.
+    it is about to log again; a fresh run starts an empty file. Loss-spike events are kept by the data
+    they are about (a rollback goes back in steps, never in data): those up to the checkpoint's
+    `keep_through_data_step`. Trackers get the step plus `offset`, the steps of data rollbacks skipped,
+    so their steps only grow (wandb drops a step lower than one it has).
     """
 
-    def __init__(self, accelerator, output_dir, keep_through_step=None):
-        self.accelerator = accelerator
+    def __init__(self, accelerator, output_dir, keep_through_step=None, keep_through_data_step=None, offset=0):
+        self.accelerator, self.offset = accelerator, offset
         self.path = os.path.join(output_dir, "metrics.jsonl")
         if accelerator.is_main_process:
-            kept = [r for r in read_jsonl(self.path) if r.get("step", math.inf) <= keep_through_step] \
+            data_step = keep_through_step if keep_through_data_step is None else keep_through_data_step
+            kept = [r for r in read_jsonl(self.path)
+                    if (_data_step(r) <= data_step if "event" in r else r.get("step", math.inf) <= keep_through_step)] \
                 if keep_through_step is not None else []
             write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
@@ -119,10 +124,15 @@ class MetricsLog:
 
     def log(self, step, **values):
         values = {k: v for k, v in values.items() if v is not None}
-        self.accelerator.log(values, step=step)
+        self.accelerator.log(values, step=step + self.offset)
         if self.accelerator.is_main_process:
             with open(self.path, "a") as f:
                 f.write(json.dumps({"step": step, **values}) + "\n")
+
+
+def _data_step(event):
+    """The last step of data an event is about: a skipped step's, or the last a rollback skipped."""
+    return event.get("data_step") or event.get("data_steps_skipped", [0, event.get("step", 0)])[1]
 
 
 class WindowTimer:
@@ -172,11 +182,13 @@ class TrainingMetrics:
     the last), plus evaluations. Evaluation and saving run inside `paused()`: not training time."""
 
     def __init__(self, accelerator, output_dir, logging_steps, tokens_per_step, flops_per_token, peak_flops,
-                 resumed_at=None, plain_lines=False):
+                 resumed_at=None, plain_lines=False, resumed_data_steps=None):
         self.accelerator, self.logging_steps, self.tokens_per_step = accelerator, logging_steps, tokens_per_step
         self.plain_lines = plain_lines and accelerator.is_main_process  # one line per logging step, no bar
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
-        self.log = MetricsLog(accelerator, output_dir, keep_through_step=resumed_at)
+        self.log = MetricsLog(accelerator, output_dir, keep_through_step=resumed_at,
+                              keep_through_data_step=resumed_data_steps,
+                              offset=(resumed_data_steps or 0) - (resumed_at or 0))
         self.timer = WindowTimer()
         self.loss_sum = torch.zeros((), device=accelerator.device)  # summed on device; read only when logging
         self.window_steps = self.run_steps = 0
@@ -239,11 +251,19 @@ class TrainingMetrics:
                        f"{event['grad_norm_z']:.1f} sigma)",
                        file=sys.stdout)
 
-    def rolled_back(self, rolled):
+    def rolled_back(self, state, rolled):
         """A rollback (utils/checkpoint.py Checkpointer.rollback): steps after its checkpoint are trained
-        again, so their records go; the event stays, at the step the run went back to."""
+        again, so their records go; the event stays, at the step the run went back to. rolled None: there
+        was no checkpoint from before the spike, its outliers were skipped and the run goes on."""
+        if rolled is None:
+            self.log.event(state.step, event="not_rolled_back", data_step=state.data_steps)
+            if self.accelerator.is_main_process:
+                tqdm.write(f"step {state.step}: sustained loss spike and no checkpoint from before it: its updates "
+                           "were skipped, the run goes on (--checkpointing_steps lets it roll back)", file=sys.stdout)
+            return
         self.log.truncate(rolled["to_step"])
         self.log.event(rolled["to_step"], event="rollback", **rolled)
+        self.log.offset = state.data_steps - state.step  # trackers: their steps only grow
         self.loss_sum.zero_()
         self.window_steps = 0
         self.timer.close_window()

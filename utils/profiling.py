@@ -83,6 +83,17 @@ class StepProfiler:
         if step >= self.last:
             self._finish()
 
+    def rolled_back(self, step):
+        """A rollback (utils/spikes.py) went back to `step`: a trace in progress is dropped (its steps are
+        trained again; profiling them twice would outgrow MAX_STEPS), the step count follows."""
+        self._step = step
+        if self._profiler is not None:
+            self._close_step()
+            self._profiler.stop()
+            self._profiler = None
+            print(f"profile of steps {self.first}-{self.last} dropped on rank {self.rank}: a rollback to step {step}",
+                  flush=True)
+
     def region(self, name):
         """A part of a step (REGIONS): an annotation in a profiled step (the device waited for at its end on
         a GPU), nothing otherwise."""
@@ -171,20 +182,25 @@ def breakdown(trace):
     the parts (REGIONS, communication, other) adding up to the step. Read from the training thread of a
     Chrome trace that this module wrote."""
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
-    steps = [e for e in events if re.fullmatch(r"step \d+", e["name"])]
+    annotations = [e for e in events if e.get("cat") == "user_annotation"]  # the CPU's, not the GPU's copies
+    forward = [_interval(e) for e in annotations if e["name"] == "forward"]
+    steps = [e for e in annotations if re.fullmatch(r"step \d+", e["name"])  # one that trained: not the empty
+             and any(_union(forward, _interval(e)))]  # one an epoch's end opens before its loader stops
     if not steps:
         return dict(count=0, step_seconds=None, parts={})
     thread = (steps[0]["pid"], steps[0]["tid"])
     mine = [e for e in events if (e["pid"], e["tid"]) == thread]
+    collectives = [_interval(e) for e in mine if e.get("cat") != "user_annotation" and _COMMUNICATION.search(e["name"])]
+    regions = {name: [_interval(e) for e in mine if e["name"] == name and e.get("cat") == "user_annotation"]
+               for name in REGIONS}
     totals = {name: 0.0 for name in (*REGIONS, "communication", "other")}
     for step in steps:
-        window = (step["ts"], step["ts"] + step["dur"])
-        communication = _union([_interval(e) for e in mine if _COMMUNICATION.search(e["name"])
-                                and e.get("cat") != "user_annotation"], window)
+        window = _interval(step)
+        communication = _union(collectives, window)
         taken = _length(communication)
         totals["communication"] += taken
         for name in REGIONS:
-            spans = _union([_interval(e) for e in mine if e["name"] == name], window)
+            spans = _union(regions[name], window)
             seconds = _length(spans) - _length(_intersect(spans, communication))
             totals[name] += seconds
             taken += seconds

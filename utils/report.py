@@ -169,10 +169,10 @@ def metrics_table(run):
         rows.append(("parameters", millions(h["parameters"])))
     if h["nonfinite_steps"]:
         rows.append(("non-finite steps (skipped)", str(h["nonfinite_steps"])))
-    skipped = sum(e["event"] == "skipped" for e in run.events)
-    rollbacks = sum(e["event"] == "rollback" for e in run.events)
-    if skipped or rollbacks:
-        rows.append(("loss spikes", f"{skipped} update(s) skipped, {rollbacks} rollback(s)"))
+    counts = {kind: sum(e["event"] == kind for e in run.events) for kind in ("skipped", "applied", "rollback")}
+    if any(counts.values()):
+        applied = f", {counts['applied']} applied (DeepSpeed)" if counts["applied"] else ""
+        rows.append(("loss spikes", f"{counts['skipped']} update(s) skipped{applied}, {counts['rollback']} rollback(s)"))
     return _table(("metric", "value"), rows)
 
 
@@ -247,7 +247,9 @@ def events_table(run):
         return None
     lines = ["| step | event | detail |", "|---|---|---|"]
     for e in run.events:
-        if e["event"] == "rollback":
+        if e["event"] == "not_rolled_back":
+            detail = "a sustained spike and no checkpoint from before it: its updates were skipped"
+        elif e["event"] == "rollback":
             first, last = e["data_steps_skipped"]
             blocks = f" ({sum(e['skipped_blocks']):,} blocks)" if e.get("skipped_blocks") else ""
             detail = (f"at step {e['at_step']} (outliers at steps {', '.join(map(str, e['outliers']))}) back to "

@@ -86,6 +86,8 @@ class SpikeDetector:
 
 def _host(loss, grad_norm):
     """(loss, grad norm) as Python floats, in one device-to-host copy."""
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor (FSDP2): the norm is replicated
+        grad_norm = grad_norm.full_tensor()
     if torch.is_tensor(grad_norm):
         loss, grad_norm = torch.stack([loss.detach().float().reshape(()), grad_norm.detach().float().reshape(())]
                                       ).tolist()
