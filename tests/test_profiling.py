@@ -51,10 +51,11 @@ def test_profiled_steps_leave_a_trace_and_their_breakdown_in_the_report(corpus, 
 
 
 @pytest.mark.distributed
-def test_every_chosen_rank_writes_its_own_trace_with_its_communication(corpus, tmp_path):
+@pytest.mark.parametrize("config", ["multi_cpu.yaml", "deepspeed_zero2.yaml"])
+def test_every_chosen_rank_writes_its_own_trace_with_its_communication(config, corpus, tmp_path):
     out = tmp_path / "out"
     launch(["--train_file", corpus, "--output_dir", out, *RUN, "--profile_ranks", "all"], num_processes=2,
-           config_file="multi_cpu.yaml")
+           config_file=config)
     for rank in (0, 1):
         assert check_profile(out, rank)["parts"]["communication"] > 0  # gloo's all-reduces on the training thread
 
