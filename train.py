@@ -37,6 +37,7 @@ from utils.model import (build_model, initialize_shards, load_base_config, model
                          training_flops_per_token)
 from utils.optim import build_optimizer, build_scheduler, regroup_parameters
 from utils.distributed import preflight
+from utils.mesh import apply_tensor_parallel
 from utils.report import sources_text, write_report
 from utils.sources import load_source
 from utils.stream import stream_blocks, stream_readers
@@ -44,21 +45,23 @@ from utils.stream import stream_blocks, stream_readers
 
 @torch.no_grad()
 def evaluate(model, eval_dataloader, accelerator, source_names):
-    """Loss per predicted token over every source's validation blocks, each block counted once across
-    processes: (the overall loss, {source name: its own loss} when there are several sources)."""
+    """Loss per predicted token over every source's validation blocks, each block counted once however
+    many processes computed it: (the overall loss, {source name: its own loss} when there are several)."""
     model.eval()
-    sums, counts, sources = [], [], []
+    sums, counts, sources, numbers = [], [], [], []
     for batch in eval_dataloader:
-        source = batch.pop("source")  # which source each block is from
+        source, number = batch.pop("source"), batch.pop("block")  # which source each block is from, its number
         labels = batch.pop("labels")[:, 1:]  # token t+1 is predicted at position t
         with accelerator.autocast():
             logits = model(**batch, use_cache=False).logits
         token_loss = token_losses(logits[:, :-1], labels)  # fp32 a slice at a time, not the whole batch's logits
-        sums.append(accelerator.gather_for_metrics(token_loss.sum(dim=1)))
-        counts.append(accelerator.gather_for_metrics((labels != IGNORE_INDEX).sum(dim=1)))
-        sources.append(accelerator.gather_for_metrics(source))
+        for out, value in ((sums, token_loss.sum(dim=1)), (counts, (labels != IGNORE_INDEX).sum(dim=1)),
+                           (sources, source), (numbers, number)):
+            out.append(accelerator.gather(value))
     model.train()
-    sums, counts, sources = torch.cat(sums), torch.cat(counts), torch.cat(sources)
+    blocks = len(eval_dataloader.dataset)  # a block computed twice (padding, tp copies) is written twice, kept once
+    sums, counts, sources = (torch.zeros(blocks, dtype=t[0].dtype, device=t[0].device).index_put_(
+        (torch.cat(numbers),), torch.cat(t)) for t in (sums, counts, sources))
     by_source = {name: (sums[sources == i].sum() / counts[sources == i].sum()).item()
                  for i, name in enumerate(source_names)} if len(source_names) > 1 else {}
     return (sums.sum() / counts.sum()).item(), by_source
@@ -86,7 +89,7 @@ def main(argv=None):
 
     # ---- Data: load, tokenize once (cached), pack into blocks ----
     tokenizer, config, blocks, train_dataloader, eval_dataloader, train_order = load_data(
-        args, accelerator, base_config, samples_per_step, checkpointer.resumed_data_position)
+        args, accelerator, base_config, samples_per_step, plan.mesh, checkpointer.resumed_data_position)
     checkpointer.check_data(data_signature(blocks, tokenizer))  # a resume continues on the same data and tokenizer
     if accelerator.is_main_process:  # only now: bad data leaves --output_dir as it was
         os.makedirs(args.output_dir, exist_ok=True)
@@ -100,6 +103,8 @@ def main(argv=None):
                             args.attn_implementation)
     if plan.init_on_meta:  # the meta device gave each use of a shared tensor its own: share them again
         model.tie_weights()
+    if plan.mesh.tp > 1:  # each layer's matmuls split over the tensor-parallel group (FSDP2 then shards the rest)
+        apply_tensor_parallel(model, accelerator.torch_device_mesh["tp"])
     flops_per_token = training_flops_per_token(model, args.block_size)  # before sharding hides parameters
     n_params = parameter_count(model)
     optimizer = build_optimizer(model, args.learning_rate, args.weight_decay, (args.adam_beta1, args.adam_beta2))
@@ -131,7 +136,8 @@ def main(argv=None):
     metrics = TrainingMetrics(accelerator, args.output_dir, args.logging_steps, samples_per_step * args.block_size,
                               flops_per_token, device_peak_flops(accelerator.device, args.peak_flops),
                               resumed_at=state.step if checkpointer.resume_from else None, plain_lines=not terminal,
-                              resumed_data_steps=state.data_steps if checkpointer.resume_from else None)
+                              resumed_data_steps=state.data_steps if checkpointer.resume_from else None,
+                              loss_copies=plan.mesh.loss_copies)
     accelerator.init_trackers(args.project_name, config=plan.tracker_config(args),
                               init_kwargs=tracker_init_kwargs(args.output_dir, args.run_name))
     if state.initial_eval_loss is None:
@@ -149,14 +155,15 @@ def main(argv=None):
     # ---- Training loop ----
     model.train()
     metrics.start()  # training time starts here: set-up and the first evaluation are not in it
-    averaged_over = accelerator.num_processes * accelerator.gradient_accumulation_steps  # by backward and DDP
+    averaged_over = plan.mesh.gradient_average * accelerator.gradient_accumulation_steps  # by backward and DDP / FSDP
+    copies = plan.mesh.batch_copies  # tp / cp ranks share a batch: a sum over processes counts it this often
     while state.step < max_steps:
         train_dataloader.set_epoch(state.epoch)
         for micro_batches in profiler.steps(metrics.steps(train_dataloader, accelerator.gradient_accumulation_steps),
                                             state.step):  # --profile_steps: a trace of the chosen steps
             # The step's loss is the mean over every token it predicts, on all processes and micro-batches
             # (transformers' num_items_in_batch), so how the batch is split never weighs tokens differently.
-            predicted = accelerator.reduce(sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in micro_batches))
+            predicted = accelerator.reduce(sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in micro_batches)) // copies
             step_loss = 0.0  # this process's share of the step's loss
             for batch in micro_batches:
                 with accelerator.accumulate(model):  # input_ids, labels (and position_ids: document masking)
@@ -170,7 +177,7 @@ def main(argv=None):
                         if accelerator.sync_gradients:  # the step's last micro-batch; clip to inf = measure the norm
                             grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
                             # a loss spike's outlier (the same verdict on every process) or a non-finite update is skipped
-                            spike = spikes.check(state.step + 1, accelerator.reduce(step_loss), grad_norm) if spikes else None
+                            spike = spikes.check(state.step + 1, accelerator.reduce(step_loss) / plan.mesh.loss_copies, grad_norm) if spikes else None
                             finite = nonfinite.step(optimizer, grad_norm, skip=spike is not None and spike["event"] == "skipped")
                         optimizer.zero_grad(set_to_none=True)
                 metrics.micro_batch_done(loss)
@@ -239,17 +246,18 @@ def setup(args):
     return accelerator, plan, checkpointer, base_config
 
 
-def load_data(args, accelerator, base_config, samples_per_step, resumed_position=None):
+def load_data(args, accelerator, base_config, samples_per_step, mesh, resumed_position=None):
     """(tokenizer, the model config that embeds it, blocks per source, train loader, validation loader,
     the TrainOrder)."""
     stream_reads = None
     if args.streaming:  # each source in parts; this process reads `stream_reads` of them (all: it dispatches)
-        args.stream_readers, stream_reads = stream_readers(args.stream_readers, resumed_position,
-                                                           accelerator.num_processes, accelerator.process_index,
-                                                           samples_per_step)
+        args.stream_readers, stream_reads = stream_readers(args.stream_readers, resumed_position, mesh.data_parallel,
+                                                           mesh.data_rank(accelerator.process_index),
+                                                           samples_per_step, can_dispatch=mesh.batch_copies == 1)
     if args.data_dir:  # written by prepare_data.py: memory-mapped, nothing is read or tokenized here
         tokenizer = store_tokenizer(args.data_dir, args.tokenizer_name or args.model_name_or_path)
         config = model_config(args, base_config, tokenizer)
+        mesh.check_model(config)  # tensor parallelism: a plan, and sizes that divide
         blocks = open_blocks(args.data_dir, args.block_size, args.max_eval_samples, args.train_weights,
                              check=accelerator.is_main_process)  # every shard's size: one stat each, once
     else:
@@ -257,6 +265,7 @@ def load_data(args, accelerator, base_config, samples_per_step, resumed_position
         tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path, args.vocab_size, sources, accelerator,
                                    args.tokenizer_sample_documents)
         config = model_config(args, base_config, tokenizer)  # a tokenizer the model cannot embed fails before tokenizing
+        mesh.check_model(config)
         if args.streaming:  # tokenized and packed on the fly while training; only validation blocks are made now
             blocks = stream_blocks(sources, tokenizer, args.block_size, args.stream_shuffle_blocks, args.seed,
                                    args.max_eval_samples, args.validation_split_percentage, args.stream_readers)

@@ -63,7 +63,7 @@ def launch_command(args, num_processes=1, config_file=None, extra_env=None, laun
     if "--num_machines" not in cmd:
         cmd += ["--num_machines", "1"]
     cmd += ["--dynamo_backend", "no", "--mixed_precision", "no"]
-    if str(config_file).endswith("fsdp.yaml"):
+    if str(config_file).startswith(("fsdp", "hsdp")):
         cmd.append(str(ROOT / "tests" / "cpu_fsdp.py"))
     env = {**os.environ, **(extra_env or {})}
     if num_processes > 1 and not config_file:

@@ -14,6 +14,8 @@ import os
 import runpy
 import sys
 
+import torch
+
 from accelerate import PartialState
 from accelerate.utils import DistributedType
 
@@ -30,14 +32,15 @@ _product_preflight = distributed.preflight
 
 
 def preflight(args, env=os.environ):
-    env["ACCELERATE_USE_FSDP"] = "false"  # past the "FSDP needs GPUs" refusal meant for users
+    """The product's preflight as on a GPU machine: past the "FSDP needs GPUs" refusal meant for users."""
+    cuda = distributed.torch.cuda.is_available
+    distributed.torch.cuda.is_available = lambda: True
     try:
         plan = _product_preflight(args, env)
     finally:
-        env["ACCELERATE_USE_FSDP"] = "true"
-    env.pop("ACCELERATE_USE_CPU", None)  # set for CPU DDP; it would turn the run back into MULTI_CPU
-    plan.sharded_parameters = True  # generate() in lock-step, as under FSDP on GPUs
-    plan.init_on_meta = not args.model_name_or_path  # as preflight plans FSDP2 from scratch
+        distributed.torch.cuda.is_available = cuda
+    if env.get("OMP_NUM_THREADS") == "1":  # as preflight shares the cores on CPU
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(env.get("LOCAL_WORLD_SIZE", 1))))
     return plan
 
 

@@ -299,8 +299,9 @@ class Collate:
     def __call__(self, items):
         input_ids = torch.stack([item["input_ids"] for item in items])
         batch = {"input_ids": input_ids, "labels": input_ids}
-        if "source" in items[0]:  # validation blocks: which source each is from (evaluation pops it)
+        if "source" in items[0]:  # validation blocks: which source each is from, and their number (evaluation pops them)
             batch["source"] = torch.tensor([item["source"] for item in items])
+            batch["block"] = torch.tensor([item["block"] for item in items])
         if self.eos is None:
             return batch
         starts = torch.zeros_like(input_ids, dtype=torch.bool)
@@ -308,6 +309,20 @@ class Collate:
         index = torch.arange(input_ids.shape[1]).expand_as(input_ids)
         position_ids = index - torch.where(starts, index, 0).cummax(dim=1).values
         return {**batch, "labels": input_ids.masked_fill(starts, IGNORE_INDEX), "position_ids": position_ids}
+
+
+class Numbered(Dataset):
+    """Validation blocks with their number: evaluation counts each block once, however many processes
+    computed it (the loader's padding to even batches, tensor- and context-parallel copies)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return {**self.dataset[i], "block": i}
 
 
 def _ignore_sigterm(worker_id):
@@ -342,7 +357,7 @@ def build_dataloaders(blocks, samples_per_step, train_batch_size, eval_batch_siz
     common = {"num_workers": num_workers, "pin_memory": torch.cuda.is_available(),
               "worker_init_fn": _ignore_sigterm if num_workers else None,
               "collate_fn": Collate(document_masking_eos)}
-    validation = ConcatDataset([b["validation"] for b in blocks])
+    validation = Numbered(ConcatDataset([b["validation"] for b in blocks]))
     evaluation = DataLoader(validation, sampler=SequentialSampler(validation), batch_size=eval_batch_size, **common)
     train_sets = [b["train"] for b in blocks]
     if isinstance(train_sets[0], list):  # streams, in parts: they order their own blocks

@@ -19,6 +19,7 @@ from accelerate import init_empty_weights
 from accelerate.utils import InitProcessGroupKwargs
 
 from utils.errors import UserError
+from utils.mesh import Mesh
 from utils.model import import_model_code
 
 
@@ -32,9 +33,10 @@ class Plan:
     sharded_parameters: bool = False
     init_on_meta: bool = False  # FSDP2 from scratch: build empty, shard, then fill each shard (utils/model.py)
     kwargs_handlers: list = field(default_factory=list)
+    mesh: Mesh = field(default_factory=Mesh)  # the parallelism_config's sizes (utils/mesh.py)
 
     def samples_per_step(self, accelerator):
-        return self.micro_batch * accelerator.gradient_accumulation_steps * accelerator.num_processes
+        return self.micro_batch * accelerator.gradient_accumulation_steps * self.mesh.data_parallel
 
     def apply(self, accelerator):
         """Hand DeepSpeed the micro-batch, and fail loudly where accelerate quietly runs something
@@ -118,9 +120,11 @@ def preflight(args, env=os.environ):
     ds_file = _existing_path(ds_file) if ds_file != "none" else ds_file
     ds_config = _read_ds_config(ds_file) if ds_file != "none" else {}
     mixed = env.get("ACCELERATE_MIXED_PRECISION", "no")
-    accumulation = _gradient_accumulation(args, world_size, env, ds_config, ds_file)
+    mesh = Mesh.from_env(env, world_size)  # HSDP, tensor and context parallelism (utils/mesh.py)
+    mesh.check(world_size, fsdp, torch.cuda.is_available(), args)
+    accumulation = _gradient_accumulation(args, mesh.data_parallel, env, ds_config, ds_file)
     plan = Plan(world_size=world_size, micro_batch=micro, block_size=args.block_size,
-                gradient_accumulation_steps=accumulation)
+                gradient_accumulation_steps=accumulation, mesh=mesh)
     if deepspeed:
         _check_deepspeed(args, ds_config, ds_file, mixed, micro * accumulation * world_size)
         plan.zero_stage = int(ds_config.get("zero_optimization", {}).get("stage", env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", 0)))
@@ -187,13 +191,13 @@ def _read_ds_config(path):
         raise UserError(f"cannot read DeepSpeed config {path} ({e}): check deepspeed_config_file in the accelerate config") from e
 
 
-def _gradient_accumulation(args, world_size, env, ds_config, ds_file):
+def _gradient_accumulation(args, data_parallel, env, ds_config, ds_file):
     micro = args.per_device_train_batch_size
-    if args.global_batch_size:
-        per_step = micro * world_size
+    if args.global_batch_size:  # sequences per step: each data-parallel rank's (tp / cp ranks share theirs)
+        per_step = micro * data_parallel
         if args.global_batch_size % per_step:
             raise UserError(f"--global_batch_size {args.global_batch_size} is not a multiple of micro-batch {micro} x "
-                            f"{world_size} processes = {per_step}: pick a multiple of {per_step}")
+                            f"{data_parallel} data-parallel processes = {per_step}: pick a multiple of {per_step}")
         wanted, source = args.global_batch_size // per_step, "--global_batch_size"
     else:
         wanted, source = args.gradient_accumulation_steps, "--gradient_accumulation_steps"

@@ -182,8 +182,9 @@ class TrainingMetrics:
     the last), plus evaluations. Evaluation and saving run inside `paused()`: not training time."""
 
     def __init__(self, accelerator, output_dir, logging_steps, tokens_per_step, flops_per_token, peak_flops,
-                 resumed_at=None, plain_lines=False, resumed_data_steps=None):
+                 resumed_at=None, plain_lines=False, resumed_data_steps=None, loss_copies=1):
         self.accelerator, self.logging_steps, self.tokens_per_step = accelerator, logging_steps, tokens_per_step
+        self.loss_copies = loss_copies  # processes that computed the same share of the loss (tensor parallel)
         self.plain_lines = plain_lines and accelerator.is_main_process  # one line per logging step, no bar
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.log = MetricsLog(accelerator, output_dir, keep_through_step=resumed_at,
@@ -222,7 +223,7 @@ class TrainingMetrics:
         if step % self.logging_steps and step != last_step:
             return None
         accelerator = self.accelerator
-        mean_loss = (accelerator.reduce(self.loss_sum, "sum") / self.window_steps).item()  # each step's: a sum
+        mean_loss = (accelerator.reduce(self.loss_sum, "sum") / (self.window_steps * self.loss_copies)).item()
         elapsed, data_wait_pct = self.timer.close_window()
         tokens_per_second = self.window_steps * self.tokens_per_step / elapsed
         mfu = self._mfu(tokens_per_second)

@@ -51,10 +51,11 @@ def stream_blocks(sources, tokenizer, block_size, window_blocks, seed, max_eval_
     return blocks
 
 
-def stream_readers(requested, saved_position, num_processes, process_index, samples_per_step):
+def stream_readers(requested, saved_position, num_processes, process_index, samples_per_step, can_dispatch=True):
     """(L, the parts this process reads): L = --stream_readers, or the resumed checkpoint's, or the
-    process count. Each of P processes reads L / P parts when P divides L; else every part is read on
-    the main process (the others hold the order but never read it: accelerate dispatches the batches)."""
+    (data-parallel) process count. Each of P processes reads L / P parts when P divides L; else every part
+    is read on the main process (the others hold the order but never read it: accelerate dispatches the
+    batches), which accelerate cannot do under tensor / context parallelism (`can_dispatch` False)."""
     streamed = saved_position and ("stream_state" in saved_position or "drawn" in saved_position)  # a stream's
     saved = saved_position.get("readers", 1) if streamed else None
     if requested and saved and requested != saved:
@@ -65,6 +66,10 @@ def stream_readers(requested, saved_position, num_processes, process_index, samp
         raise UserError(f"the global batch of {samples_per_step} sequences is not a multiple of the {readers} stream "
                         f"readers (--stream_readers, by default the process count): each step takes the same share "
                         f"of every part; give --stream_readers a divisor of {samples_per_step}")
+    if readers % num_processes and not can_dispatch:
+        raise UserError(f"the streams are read in {readers} parts, not a multiple of the {num_processes} data-parallel "
+                        "ranks, and under tensor / context parallelism every rank must read its own: give "
+                        f"--stream_readers a multiple of {num_processes}")
     if readers % num_processes:
         return readers, range(readers)
     share = readers // num_processes
