@@ -233,7 +233,7 @@ def setup(args):
     """Everything that can fail on bad input fails here, before any expensive work; then the Accelerator."""
     plan = preflight(args)  # reconciles flags with the accelerate / DeepSpeed config files
     checkpointer = Checkpointer(args.output_dir, args.checkpointing_steps, args.checkpoints_total_limit,
-                                resume=args.resume_from_checkpoint)  # a bad --resume_from_checkpoint fails here
+                                resume=args.resume_from_checkpoint, mesh=plan.mesh)  # a bad --resume_from_checkpoint fails here
     base_config = load_base_config(args)  # a bad model name fails here
     accelerator = Accelerator(gradient_accumulation_plugin=GradientAccumulationPlugin(  # a step's micro-batches
                                   num_steps=plan.gradient_accumulation_steps, sync_with_dataloader=False),  # come whole

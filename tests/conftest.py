@@ -48,14 +48,18 @@ def corpus(tmp_path_factory):
     return path
 
 
+def _config_path(config_file):
+    return ROOT / "accelerate_configs" / config_file  # a path stays itself
+
+
 def launch_command(args, num_processes=1, config_file=None, extra_env=None, launch_args=(), port=None):
     """(command, environment) of `accelerate launch train.py ARGS` as a user would run it.
     config_file: a file in accelerate_configs/ (or a path), run with --mixed_precision no on CPU;
-    fsdp.yaml goes through tests/cpu_fsdp.py, the test-only shim that makes FSDP2 run on CPU."""
+    an FSDP config goes through tests/cpu_fsdp.py, the test-only shim that makes FSDP2 run on CPU."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(port or next(_ports)),
            *map(str, launch_args)]
     if config_file:  # a file in accelerate_configs/ or a path; the CPU stand-in for its GPU settings
-        cmd += ["--config_file", str(ROOT / "accelerate_configs" / config_file), "--num_processes", str(num_processes)]
+        cmd += ["--config_file", str(_config_path(config_file)), "--num_processes", str(num_processes)]
     elif num_processes > 1:
         cmd += ["--multi_gpu", "--num_processes", str(num_processes)]
     else:
@@ -63,7 +67,7 @@ def launch_command(args, num_processes=1, config_file=None, extra_env=None, laun
     if "--num_machines" not in cmd:
         cmd += ["--num_machines", "1"]
     cmd += ["--dynamo_backend", "no", "--mixed_precision", "no"]
-    if str(config_file).startswith(("fsdp", "hsdp")):
+    if config_file and "distributed_type: FSDP" in _config_path(config_file).read_text():
         cmd.append(str(ROOT / "tests" / "cpu_fsdp.py"))
     env = {**os.environ, **(extra_env or {})}
     if num_processes > 1 and not config_file:

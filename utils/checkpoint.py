@@ -21,6 +21,7 @@ from accelerate.utils import broadcast_object_list, gather_object
 from utils.errors import UserError
 from utils.faults import TrainingDiverged
 from utils.files import publish, sync_filesystem, temporary_name, wait_for, write_atomic
+from utils.mesh import layout
 
 STATE_FILE = "trainer_state.json"
 DEEPSPEED_TAG = "pytorch_model"  # accelerate's save_state names DeepSpeed's checkpoint tag so
@@ -100,7 +101,7 @@ def read_state(checkpoint):
                         "resume from an earlier one or start fresh") from e
 
 
-def prepare_resume(accelerator, checkpoint, state):
+def prepare_resume(accelerator, checkpoint, state, mesh=None):
     """Before `accelerator.prepare`: the directory `load_checkpoint` will read.
 
     DDP checkpoints hold whole tensors and FSDP2 ones are `torch.distributed.checkpoint` shards that
@@ -114,10 +115,13 @@ def prepare_resume(accelerator, checkpoint, state):
         raise UserError(f"{checkpoint} holds {saved_as} state and this run uses {running_as}: resume with the "
                         "kind of accelerate config that wrote it (the process count may differ)")
     saved_by = state.get("num_processes", accelerator.num_processes)
-    if saved_by != accelerator.num_processes:
-        accelerator.print(f"notice: {checkpoint} was saved by {saved_by} processes, this run has "
-                          f"{accelerator.num_processes}; the data position ({state['step'] * state['samples_per_step']} "
-                          "sequences) and the optimizer state carry over exactly")
+    saved_on = state.get("mesh") or mesh
+    if saved_by != accelerator.num_processes or saved_on != mesh:
+        on = (lambda sizes: f" ({layout(sizes)})") if saved_on != mesh else (lambda sizes: "")
+        accelerator.print(f"notice: {checkpoint} was saved by {saved_by} processes{on(saved_on)}, this run has "
+                          f"{accelerator.num_processes}{on(mesh)}; the data position "
+                          f"({state['step'] * state['samples_per_step']} sequences) and the optimizer state carry "
+                          "over exactly (FSDP2's checkpoints reshard onto any mesh)")
     if accelerator.state.deepspeed_plugin is None or saved_by == accelerator.num_processes:
         return checkpoint
     universal = os.path.join(checkpoint, UNIVERSAL)
@@ -316,8 +320,9 @@ class Checkpointer:
     once), converts it for another layout before `accelerator.prepare`, restores it after, decides
     when to save (every `every` steps, or on demand) and rotates old ones."""
 
-    def __init__(self, output_dir, every=None, total_limit=None, resume=None):
+    def __init__(self, output_dir, every=None, total_limit=None, resume=None, mesh=None):
         self.output_dir, self.every, self.total_limit, self.requested = output_dir, every, total_limit, resume
+        self.mesh = mesh.record() if mesh else None  # the parallelism_config's sizes (utils/mesh.py)
         self.resume_from, self.resume_state = resolve_resume(output_dir, resume)
         self._load_from, self.data = None, None
         self.deleter = BackgroundDeleter()
@@ -350,7 +355,7 @@ class Checkpointer:
 
     def before_prepare(self, accelerator):
         if self.resume_from:
-            self._load_from = prepare_resume(accelerator, self.resume_from, self.resume_state)
+            self._load_from = prepare_resume(accelerator, self.resume_from, self.resume_state, self.mesh)
 
     def restore(self, accelerator, model, train_order, samples_per_step, run_config, model_files=(), spikes=None):
         """The TrainState to start from (restored, or fresh); remembers what later saves record:
@@ -406,7 +411,7 @@ class Checkpointer:
             samples_per_step=self.samples_per_step, initial_eval_loss=state.initial_eval_loss, data=self.data,
             config=self.run_config, rollbacks=state.rollbacks,
             spikes=self.spikes.state_dict() if self.spikes is not None else None,
-            num_processes=accelerator.num_processes, distributed_type=accelerator.distributed_type.value)
+            num_processes=accelerator.num_processes, distributed_type=accelerator.distributed_type.value, mesh=self.mesh)
 
     def rollback(self, state, max_rollbacks):
         """A sustained loss spike (utils/spikes.py): load the newest checkpoint saved before its first outlier

@@ -19,7 +19,7 @@ from accelerate import init_empty_weights
 from accelerate.utils import InitProcessGroupKwargs
 
 from utils.errors import UserError
-from utils.mesh import Mesh
+from utils.mesh import Mesh, layout
 from utils.model import import_model_code
 
 
@@ -50,6 +50,11 @@ class Plan:
             raise UserError(f"accelerate started {accelerator.num_processes} process(es) but the launcher asked for "
                             f"{self.world_size}: on CPU use an accelerate config with distributed_type MULTI_GPU and "
                             "use_cpu true (see accelerate_configs/multi_cpu.yaml)")
+        built = accelerator.parallelism_config
+        if self.mesh.configured and (built is None or any(getattr(built, f"{name}_size") != size
+                                                          for name, size in self.mesh.record().items())):
+            raise UserError(f"accelerate did not build the parallelism_config's mesh ({layout(self.mesh.record())}): "
+                            "check the accelerate version (>= 1.10) and that the config is an FSDP2 one")
         if accelerator.gradient_accumulation_steps != self.gradient_accumulation_steps:
             raise UserError(f"accelerate uses gradient accumulation {accelerator.gradient_accumulation_steps}, "
                             f"preflight planned {self.gradient_accumulation_steps}: remove gradient_accumulation_steps "
@@ -88,10 +93,11 @@ class Plan:
 
     def describe(self, accelerator):
         samples = self.samples_per_step(accelerator)
+        ranks = "processes" if self.mesh.data_parallel == accelerator.num_processes else "data-parallel ranks"
         return (f"batch: {self.micro_batch} micro-batch x {accelerator.gradient_accumulation_steps} accumulation x "
-                f"{accelerator.num_processes} processes = {samples} sequences x {self.block_size} tokens = "
+                f"{self.mesh.data_parallel} {ranks} = {samples} sequences x {self.block_size} tokens = "
                 f"{samples * self.block_size} tokens per optimizer step | {accelerator.distributed_type.value}"
-                f"{f' ZeRO-{self.zero_stage}' if self.zero_stage is not None else ''}, "
+                f"{f' ZeRO-{self.zero_stage}' if self.zero_stage is not None else ''}{self.mesh.describe()}, "
                 f"mixed precision {accelerator.mixed_precision}, device {accelerator.device}")
 
     def record(self, accelerator):
@@ -100,7 +106,7 @@ class Plan:
                     mixed_precision=accelerator.mixed_precision, zero_stage=self.zero_stage,
                     gradient_accumulation_steps=accelerator.gradient_accumulation_steps,
                     global_batch_size=self.samples_per_step(accelerator), micro_batch_size=self.micro_batch,
-                    init_on_meta=self.init_on_meta)
+                    init_on_meta=self.init_on_meta, mesh=self.mesh.record() if self.mesh.configured else None)
 
     def tracker_config(self, args):
         """The run config as flat scalars (TensorBoard's hparams take no None or lists)."""

@@ -70,10 +70,7 @@ class Mesh:
         return process_index // (self.tp * self.cp)
 
     def describe(self):
-        if not self.configured:
-            return ""
-        parts = [f"{name} {getattr(self, name)}" for name in _SIZES if getattr(self, name) > 1]
-        return " | mesh " + " x ".join(parts or ["1"])
+        return f" | mesh {layout(self.record())}" if self.configured else ""
 
     def record(self):
         return {name: getattr(self, name) for name in _SIZES}
@@ -122,6 +119,11 @@ class Mesh:
             if value and value % self.tp:
                 raise UserError(f"the model's {key} = {value} is not divisible by tp_size {self.tp}: pick a tp_size "
                                 "that divides it")
+
+
+def layout(sizes):
+    """'dp_shard 2 x tp 2' from Mesh.record()'s sizes."""
+    return " x ".join(f"{name} {size}" for name, size in (sizes or {}).items() if size > 1) or "1 process"
 
 
 def apply_tensor_parallel(model, tp_mesh):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from utils.checkpoint import STATE_FILE, complete_checkpoints
 from utils.errors import UserError
 from utils.files import publish, temporary_name, write_atomic
+from utils.mesh import layout
 from utils.metrics import perplexity, read_jsonl
 from utils.profiling import profile_dir
 
@@ -113,8 +114,11 @@ def batch_math(run):
     block = config.get("block_size")
     if res:
         sequences = res["global_batch_size"]
+        ranks = sequences // (res["micro_batch_size"] * res["gradient_accumulation_steps"])  # data-parallel ones
+        ranks = f"{ranks} process{'es' if ranks > 1 else ''}" if ranks == res["num_processes"] else \
+            f"{ranks} data-parallel rank{'s' if ranks > 1 else ''}"
         return (f"{res['micro_batch_size']} micro-batch x {res['gradient_accumulation_steps']} accumulation x "
-                f"{res['num_processes']} process{'es' if res['num_processes'] > 1 else ''} = {sequences} sequences"
+                f"{ranks} = {sequences} sequences"
                 + (f" x {block} tokens = {sequences * block:,} tokens per optimizer step" if block else " per optimizer step"))
     if run.checkpoint_state and block:
         sequences = run.checkpoint_state["samples_per_step"]
@@ -191,7 +195,8 @@ def config_table(run):
     if res:
         zero = f" ZeRO-{res['zero_stage']}" if res.get("zero_stage") is not None else ""
         processes = f"{res['num_processes']} process{'es' if res['num_processes'] > 1 else ''}"
-        rows.append(("ran on", f"{processes}, distributed type {res['distributed_type']}{zero}, "
+        mesh = f" on the mesh {layout(res['mesh'])}" if res.get("mesh") else ""  # a parallelism_config's
+        rows.append(("ran on", f"{processes}, distributed type {res['distributed_type']}{zero}{mesh}, "
                                f"mixed precision {res['mixed_precision']}"))
     return _table(("setting", "value"), rows)
 
