@@ -33,11 +33,11 @@ from utils.loss import token_losses
 from utils.offload import ActivationOffloading
 from utils.profiling import StepProfiler
 from utils.metrics import TrainingMetrics, device_peak_flops, perplexity, tracker_init_kwargs, trackers
-from utils.model import (build_model, initialize_shards, load_base_config, model_config, parameter_count,
-                         training_flops_per_token)
+from utils.model import (build_model, initialize_shards, load_base_config, local_parameter_count, model_config,
+                         parameter_count, training_flops_per_token)
 from utils.optim import build_optimizer, build_scheduler, regroup_parameters
 from utils.distributed import preflight
-from utils.mesh import apply_tensor_parallel
+from utils.mesh import apply_tensor_parallel, context_parallel
 from utils.report import sources_text, write_report
 from utils.sources import load_source
 from utils.stream import stream_blocks, stream_readers
@@ -156,28 +156,32 @@ def main(argv=None):
     model.train()
     metrics.start()  # training time starts here: set-up and the first evaluation are not in it
     averaged_over = plan.mesh.gradient_average * accelerator.gradient_accumulation_steps  # by backward and DDP / FSDP
-    copies = plan.mesh.batch_copies  # tp / cp ranks share a batch: a sum over processes counts it this often
+    # tp / cp ranks share each batch, tp ranks each share of the loss: a sum over processes counts them this often
+    batch_copies, loss_copies = plan.mesh.batch_copies, plan.mesh.loss_copies
     while state.step < max_steps:
         train_dataloader.set_epoch(state.epoch)
         for micro_batches in profiler.steps(metrics.steps(train_dataloader, accelerator.gradient_accumulation_steps),
                                             state.step):  # --profile_steps: a trace of the chosen steps
             # The step's loss is the mean over every token it predicts, on all processes and micro-batches
             # (transformers' num_items_in_batch), so how the batch is split never weighs tokens differently.
-            predicted = accelerator.reduce(sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in micro_batches)) // copies
+            predicted = accelerator.reduce(sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in micro_batches))
+            predicted = predicted // batch_copies
             step_loss = 0.0  # this process's share of the step's loss
             for batch in micro_batches:
                 with accelerator.accumulate(model):  # input_ids, labels (and position_ids: document masking)
-                    # the config's mixed precision; saved activations to the CPU; the parts of a profiled step
-                    with accelerator.autocast(), offload(), profiler.region("forward"):
-                        loss = model(**batch, use_cache=False, num_items_in_batch=predicted).loss  # summed / predicted
-                    with profiler.region("backward"):  # undo the means over micro-batches and processes
-                        accelerator.backward(loss * averaged_over)
+                    with context_parallel(accelerator, batch, plan.mesh.cp):  # cp: each rank a part of each sequence
+                        # the config's mixed precision; saved activations to the CPU; the parts of a profiled step
+                        with accelerator.autocast(), offload(), profiler.region("forward"):
+                            loss = model(**batch, use_cache=False, num_items_in_batch=predicted).loss  # sum / predicted
+                        with profiler.region("backward"):  # undo the means over micro-batches and processes
+                            accelerator.backward(loss * averaged_over)
                     step_loss = step_loss + loss.detach()
                     with profiler.region("optimizer"):
                         if accelerator.sync_gradients:  # the step's last micro-batch; clip to inf = measure the norm
                             grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm or math.inf)
                             # a loss spike's outlier (the same verdict on every process) or a non-finite update is skipped
-                            spike = spikes.check(state.step + 1, accelerator.reduce(step_loss) / plan.mesh.loss_copies, grad_norm) if spikes else None
+                            spike = spikes.check(state.step + 1, accelerator.reduce(step_loss) / loss_copies,
+                                                 grad_norm) if spikes else None
                             finite = nonfinite.step(optimizer, grad_norm, skip=spike is not None and spike["event"] == "skipped")
                         optimizer.zero_grad(set_to_none=True)
                 metrics.micro_batch_done(loss)
@@ -226,6 +230,7 @@ def main(argv=None):
                 eval_tokens=sum(b["eval_tokens"] for b in blocks),
                 held_out_tokens=sum(b["held_out_tokens"] for b in blocks),  # of the training data, for evaluation
                 nonfinite_steps=nonfinite.total, parameters=n_params, sources=sources,
+                parameters_per_process=local_parameter_count(model),  # its shards under FSDP2, TP, ZeRO-3
                 spikes=dict(skipped=spikes.skipped, applied=spikes.applied, rollbacks=state.rollbacks) if spikes else None))
 
 

@@ -18,7 +18,7 @@ STEPS = ["--max_train_steps", 6, "--num_warmup_steps", 2, "--eval_steps", 6, "--
          "--weight_decay", 1.0, "--global_batch_size", 8]
 
 
-def launch_nodes(args, config, per_node, tmp_path, timeout=600):
+def launch_nodes(args, config, per_node, tmp_path, timeout=600, launch_args=()):
     """Both nodes' `accelerate launch` at once, as `srun` starts them; returns their outputs."""
     port, nodes = next(_ports), []
     for rank in (0, 1):
@@ -27,7 +27,7 @@ def launch_nodes(args, config, per_node, tmp_path, timeout=600):
         cmd, env = launch_command(args, num_processes=2 * per_node, config_file=config, port=port,
                                   extra_env={"HF_HOME": str(home)},
                                   launch_args=["--num_machines", 2, "--machine_rank", rank,
-                                               "--main_process_ip", "127.0.0.1"])
+                                               "--main_process_ip", "127.0.0.1", *launch_args])
         log = open(tmp_path / f"node{rank}.log", "w+")
         nodes.append((subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True), log))
     outputs = []

@@ -7,11 +7,14 @@ the layouts that would fail late or train wrong, says how a step's numbers count
 applies the model's tensor-parallel plan (transformers') from outside, the model class untouched.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from utils.errors import UserError
+from utils.loss import IGNORE_INDEX
 
 _SIZES = ("dp_replicate", "dp_shard", "tp", "cp")
 
@@ -170,3 +173,21 @@ def _accelerate_compatibility():
             def prepare_module_tp(self, module, mesh):
                 raise RuntimeError("a parameter was not replicated by utils/mesh.py apply_tensor_parallel")
         tensor_parallel.ReplicateParallel = ReplicateParallel
+
+
+def context_parallel(accelerator, batch, cp):
+    """Context parallelism (cp > 1): inside this context each cp rank holds two balanced chunks of every
+    sequence of `batch` (accelerate, torch's ring attention); wrap forward and backward in it. Labels
+    are shifted before the split, so a chunk's last token is still predicted from the next chunk's
+    first, and position ids are made explicit, so each chunk keeps its own positions."""
+    if cp == 1:
+        return contextlib.nullcontext()
+    labels = batch["labels"]
+    if labels is batch["input_ids"]:  # one tensor under two names would be split twice
+        labels = batch["labels"] = labels.clone()
+    batch["shift_labels"] = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].contiguous()  # utils/loss.py reads it
+    if "position_ids" not in batch:
+        batch["position_ids"] = torch.arange(labels.shape[1], device=labels.device).expand_as(labels).contiguous()
+    buffers = [batch[key] for key in ("input_ids", "labels", "shift_labels", "position_ids")]
+    return accelerator.maybe_context_parallel(buffers=buffers, buffer_seq_dims=[1] * len(buffers),
+                                              no_restore_buffers=set(buffers))

@@ -237,6 +237,15 @@ def parameter_count(module):
     return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
 
 
+def local_parameter_count(model):
+    """The parameters this process holds: its shards (FSDP2, tensor parallel, ZeRO-3) or all of them."""
+    def local(p):
+        if hasattr(p, "ds_tensor"):  # ZeRO-3: the partition
+            return p.ds_tensor.numel()
+        return _local(p).numel()
+    return sum(local(p) for p in model.parameters())
+
+
 def training_flops_per_token(model, seq_len):
     """Forward + backward FLOPs per token: 6 x (parameters in matmuls) + attention scores (PaLM appendix B).
 
