@@ -223,6 +223,11 @@ def resume_from_step_4(run_dir, tmp_path, name, corpus, config, processes, micro
     return train_losses(again)
 
 
+def shard_of(res, whole, ways):
+    """The main process holds 1/ways of the parameters (its shards are rounded up where a size does not divide)."""
+    return 1 <= res["parameters_per_process"] / (whole["parameters"] / ways) < 1.01
+
+
 def assert_same_losses(losses, reference, steps=None):
     steps = steps or sorted(reference)
     worst = max(abs(losses[s] - reference[s]) for s in steps)
@@ -237,7 +242,7 @@ def test_fsdp2_x_tensor_parallel_trains_as_one_process_saves_and_resumes_on_any_
     assert (res["num_processes"], res["distributed_type"]) == (4, "FSDP")
     assert res["mesh"] == {"dp_replicate": 1, "dp_shard": 2, "tp": 2, "cp": 1} and res["global_batch_size"] == 8
     whole = results(one_process)
-    assert res["parameters_per_process"] == whole["parameters"] // 4  # sharded over tp and dp_shard
+    assert shard_of(res, whole, 4)  # sharded over tp and dp_shard
     losses, reference = train_losses(out), train_losses(one_process)
     assert_same_losses(losses, reference)
     assert abs(res["eval_loss"] - whole["eval_loss"]) < LOSS_TOLERANCE  # each validation block counted once
@@ -257,7 +262,7 @@ def test_hsdp_on_one_machine_trains_as_one_process(tmp_path, corpus, one_process
     res = run_mesh(out, corpus, "multi_node_hsdp.yaml", 4, 2, [*sizes(dp_replicate=2, dp_shard=2),
                                                                "--main_process_ip", "127.0.0.1", "--machine_rank", 0])
     assert res["mesh"] == {"dp_replicate": 2, "dp_shard": 2, "tp": 1, "cp": 1} and res["num_processes"] == 4
-    assert res["parameters_per_process"] == results(one_process)["parameters"] // 2  # sharded in 2, replicated
+    assert shard_of(res, results(one_process), 2)  # sharded in 2, replicated twice
     assert_same_losses(train_losses(out), train_losses(one_process))
 
 
