@@ -101,7 +101,7 @@ def test_the_global_batch_counts_data_parallel_ranks_not_processes(monkeypatch):
     plan = preflight(args, env=env_of(8, dp_shard=2, tp=4))  # 2 data-parallel ranks x 4 x 4 accumulation
     assert plan.gradient_accumulation_steps == 4 and plan.mesh.data_parallel == 2
     assert (plan.mesh.gradient_average, plan.mesh.batch_copies, plan.mesh.loss_copies) == (2, 4, 4)
-    with pytest.raises(UserError, match="micro-batch 4 x 2 data-parallel processes = 8"):
+    with pytest.raises(UserError, match="micro-batch 4 x 2 data-parallel ranks = 8"):
         preflight(parse_args(["--global_batch_size", "12", "--per_device_train_batch_size", "4"]),
                   env=env_of(8, dp_shard=2, tp=4))
     cp = Mesh(dp_replicate=2, dp_shard=2, cp=2, configured=True)
@@ -215,12 +215,14 @@ def run_mesh(out, corpus, config, processes, micro, launch_args, extra=()):
 
 
 def resume_from_step_4(run_dir, tmp_path, name, corpus, config, processes, micro, launch_args=()):
+    """(the resumed run's losses, its output)"""
     again = tmp_path / name
     shutil.copytree(run_dir, again)
     shutil.rmtree(again / "checkpoints" / "step_8")
-    launch(["--train_file", corpus, "--output_dir", again, *TINY, *STEPS, "--per_device_train_batch_size", micro,
-            "--resume_from_checkpoint", "latest"], num_processes=processes, config_file=config, launch_args=launch_args)
-    return train_losses(again)
+    run = launch(["--train_file", corpus, "--output_dir", again, *TINY, *STEPS, "--per_device_train_batch_size", micro,
+                  "--resume_from_checkpoint", "latest"], num_processes=processes, config_file=config,
+                 launch_args=launch_args)
+    return train_losses(again), run.stdout
 
 
 def shard_of(res, whole, ways):
@@ -249,11 +251,12 @@ def test_fsdp2_x_tensor_parallel_trains_as_one_process_saves_and_resumes_on_any_
     # the final save is an ordinary model with full weights: it reloads to the same eval loss
     assert abs(saved_model_eval_loss(out, corpus) - saved_model_eval_loss(one_process, corpus)) < LOSS_TOLERANCE
     # exact resume on the same mesh, and onto others: FSDP2 alone on 4 processes, and one process
-    same = resume_from_step_4(out, tmp_path, "same", corpus, "fsdp_tp.yaml", 4, 4, sizes(dp_shard=2))
-    assert max(abs(same[s] - losses[s]) for s in range(5, 9)) < 1e-6
+    same, output = resume_from_step_4(out, tmp_path, "same", corpus, "fsdp_tp.yaml", 4, 4, sizes(dp_shard=2))
+    assert max(abs(same[s] - losses[s]) for s in range(5, 9)) < 1e-6 and "notice" not in output
     for name, config, processes, micro in (("dp4", "fsdp.yaml", 4, 2), ("one", "fsdp.yaml", 1, 8)):
-        other = resume_from_step_4(out, tmp_path, name, corpus, config, processes, micro)
+        other, output = resume_from_step_4(out, tmp_path, name, corpus, config, processes, micro)
         assert_same_losses(other, losses, range(5, 9))
+        assert f"saved by 4 processes (dp_shard 2 x tp 2), this run has {processes} (data parallel)" in output
 
 
 @pytest.mark.distributed

@@ -115,13 +115,14 @@ def prepare_resume(accelerator, checkpoint, state, mesh=None):
         raise UserError(f"{checkpoint} holds {saved_as} state and this run uses {running_as}: resume with the "
                         "kind of accelerate config that wrote it (the process count may differ)")
     saved_by = state.get("num_processes", accelerator.num_processes)
-    saved_on = state.get("mesh") or mesh
+    saved_on = state.get("mesh")
     if saved_by != accelerator.num_processes or saved_on != mesh:
-        on = (lambda sizes: f" ({layout(sizes)})") if saved_on != mesh else (lambda sizes: "")
+        def on(sizes):  # the mesh, where a parallelism_config made one on either side
+            return f" ({layout(sizes)})" if saved_on or mesh else ""
         accelerator.print(f"notice: {checkpoint} was saved by {saved_by} processes{on(saved_on)}, this run has "
                           f"{accelerator.num_processes}{on(mesh)}; the data position "
                           f"({state['step'] * state['samples_per_step']} sequences) and the optimizer state carry "
-                          "over exactly (FSDP2's checkpoints reshard onto any mesh)")
+                          f"over exactly{' (DCP reshards them onto this mesh)' if saved_on or mesh else ''}")
     if accelerator.state.deepspeed_plugin is None or saved_by == accelerator.num_processes:
         return checkpoint
     universal = os.path.join(checkpoint, UNIVERSAL)
@@ -322,7 +323,7 @@ class Checkpointer:
 
     def __init__(self, output_dir, every=None, total_limit=None, resume=None, mesh=None):
         self.output_dir, self.every, self.total_limit, self.requested = output_dir, every, total_limit, resume
-        self.mesh = mesh.record() if mesh else None  # the parallelism_config's sizes (utils/mesh.py)
+        self.mesh = mesh.record() if mesh and mesh.configured else None  # a parallelism_config's sizes (utils/mesh.py)
         self.resume_from, self.resume_state = resolve_resume(output_dir, resume)
         self._load_from, self.data = None, None
         self.deleter = BackgroundDeleter()

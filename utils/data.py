@@ -299,9 +299,9 @@ class Collate:
     def __call__(self, items):
         input_ids = torch.stack([item["input_ids"] for item in items])
         batch = {"input_ids": input_ids, "labels": input_ids}
-        if "source" in items[0]:  # validation blocks: which source each is from, and their number (evaluation pops them)
-            batch["source"] = torch.tensor([item["source"] for item in items])
-            batch["block"] = torch.tensor([item["block"] for item in items])
+        for key in ("source", "block"):  # validation blocks: which source each is from, their number (evaluation pops them)
+            if key in items[0]:
+                batch[key] = torch.tensor([item[key] for item in items])
         if self.eos is None:
             return batch
         starts = torch.zeros_like(input_ids, dtype=torch.bool)

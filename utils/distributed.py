@@ -128,7 +128,7 @@ def preflight(args, env=os.environ):
     mixed = env.get("ACCELERATE_MIXED_PRECISION", "no")
     mesh = Mesh.from_env(env, world_size)  # HSDP, tensor and context parallelism (utils/mesh.py)
     mesh.check(world_size, fsdp, torch.cuda.is_available(), args)
-    accumulation = _gradient_accumulation(args, mesh.data_parallel, env, ds_config, ds_file)
+    accumulation = _gradient_accumulation(args, mesh, env, ds_config, ds_file)
     plan = Plan(world_size=world_size, micro_batch=micro, block_size=args.block_size,
                 gradient_accumulation_steps=accumulation, mesh=mesh)
     if deepspeed:
@@ -197,13 +197,14 @@ def _read_ds_config(path):
         raise UserError(f"cannot read DeepSpeed config {path} ({e}): check deepspeed_config_file in the accelerate config") from e
 
 
-def _gradient_accumulation(args, data_parallel, env, ds_config, ds_file):
+def _gradient_accumulation(args, mesh, env, ds_config, ds_file):
     micro = args.per_device_train_batch_size
     if args.global_batch_size:  # sequences per step: each data-parallel rank's (tp / cp ranks share theirs)
-        per_step = micro * data_parallel
+        per_step = micro * mesh.data_parallel
+        ranks = "data-parallel ranks" if mesh.configured else "processes"
         if args.global_batch_size % per_step:
             raise UserError(f"--global_batch_size {args.global_batch_size} is not a multiple of micro-batch {micro} x "
-                            f"{data_parallel} data-parallel processes = {per_step}: pick a multiple of {per_step}")
+                            f"{mesh.data_parallel} {ranks} = {per_step}: pick a multiple of {per_step}")
         wanted, source = args.global_batch_size // per_step, "--global_batch_size"
     else:
         wanted, source = args.gradient_accumulation_steps, "--gradient_accumulation_steps"

@@ -125,8 +125,10 @@ class Mesh:
 
 
 def layout(sizes):
-    """'dp_shard 2 x tp 2' from Mesh.record()'s sizes."""
-    return " x ".join(f"{name} {size}" for name, size in (sizes or {}).items() if size > 1) or "1 process"
+    """'dp_shard 2 x tp 2' from Mesh.record()'s sizes; None: no parallelism_config."""
+    if sizes is None:
+        return "data parallel"
+    return " x ".join(f"{name} {size}" for name, size in sizes.items() if size > 1) or "1 process"
 
 
 def apply_tensor_parallel(model, tp_mesh):
