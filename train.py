@@ -59,9 +59,9 @@ def evaluate(model, eval_dataloader, accelerator, source_names):
                            (sources, source), (numbers, number)):
             out.append(accelerator.gather(value))
     model.train()
-    blocks = len(eval_dataloader.dataset)  # a block computed twice (padding, tp copies) is written twice, kept once
-    sums, counts, sources = (torch.zeros(blocks, dtype=t[0].dtype, device=t[0].device).index_put_(
-        (torch.cat(numbers),), torch.cat(t)) for t in (sums, counts, sources))
+    numbers = torch.cat(numbers)  # a block computed twice (padding, tp copies) is written twice, kept once
+    sums, counts, sources = (torch.zeros(int(numbers.max()) + 1, dtype=t[0].dtype, device=t[0].device).index_put_(
+        (numbers,), torch.cat(t)) for t in (sums, counts, sources))
     by_source = {name: (sums[sources == i].sum() / counts[sources == i].sum()).item()
                  for i, name in enumerate(source_names)} if len(source_names) > 1 else {}
     return (sums.sum() / counts.sum()).item(), by_source

@@ -70,10 +70,10 @@ def test_masked_block_loss_equals_its_documents_run_one_by_one(config, attention
     assert model(**unmasked).loss.item() != pytest.approx(packed_sum.item() / predicted, rel=1e-3)  # it matters
 
     class Accelerator:  # evaluation's only uses of it: mixed precision (none here), gathering across processes
-        gather_for_metrics = staticmethod(lambda x: x)
+        gather = staticmethod(lambda x: x)
         autocast = staticmethod(contextlib.nullcontext)
 
-    loader = [Collate(document_masking_eos=EOS)([{"input_ids": b, "source": 0}]) for b in blocks]
+    loader = [Collate(document_masking_eos=EOS)([{"input_ids": b, "source": 0, "block": i}]) for i, b in enumerate(blocks)]
     loss, by_source = evaluate(model, loader, Accelerator(), ["data"])
     assert loss == pytest.approx(alone_sum.item() / alone_count, rel=1e-5) and by_source == {}
 

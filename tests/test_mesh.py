@@ -286,3 +286,29 @@ def test_hsdp_on_two_nodes_trains_as_one_process_and_resumes(tmp_path, corpus, o
                  launch_args=sizes(dp_replicate=2, dp_shard=2))
     again = train_losses(resumed)
     assert max(abs(again[s] - losses[s]) for s in range(5, 9)) < 1e-6
+
+
+def test_evaluation_counts_each_block_once_however_many_processes_computed_it():
+    """Tensor-parallel ranks compute the same blocks, and the loader pads the last batches to even ones:
+    gathered, a block appears several times, and is counted once."""
+    from train import evaluate
+    from utils.data import Collate
+
+    model = build_model(preset_config("tiny", 512), seed=0)
+    blocks = [torch.randint(0, 512, (16,), generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    batches = [Collate()([{"input_ids": blocks[i], "source": i % 2, "block": i} for i in numbers])
+               for numbers in ([0, 1], [2, 3], [4, 0])]  # block 0 again: padding to an even last batch
+
+    class Accelerator:
+        def __init__(self, copies):
+            self.copies = copies
+
+        def gather(self, x):  # every tensor-parallel rank's copy
+            return torch.cat([x] * self.copies)
+
+        autocast = staticmethod(contextlib.nullcontext)
+
+    once = evaluate(model, [{k: v[:1] if i == 2 else v for k, v in b.items()} for i, b in enumerate(batches)],
+                    Accelerator(1), ["a", "b"])
+    loss, by_source = evaluate(model, batches, Accelerator(2), ["a", "b"])
+    assert loss == pytest.approx(once[0], rel=1e-6) and by_source == pytest.approx(once[1], rel=1e-6)
