@@ -214,13 +214,13 @@ def run_mesh(out, corpus, config, processes, micro, launch_args, extra=()):
     return results(out)
 
 
-def resume_from_step_4(run_dir, tmp_path, name, corpus, config, processes, micro, launch_args=()):
+def resume_from_step_4(run_dir, tmp_path, name, corpus, config, processes, micro, launch_args=(), extra=()):
     """(the resumed run's losses, its output)"""
     again = tmp_path / name
     shutil.copytree(run_dir, again)
     shutil.rmtree(again / "checkpoints" / "step_8")
     run = launch(["--train_file", corpus, "--output_dir", again, *TINY, *STEPS, "--per_device_train_batch_size", micro,
-                  "--resume_from_checkpoint", "latest"], num_processes=processes, config_file=config,
+                  "--resume_from_checkpoint", "latest", *extra], num_processes=processes, config_file=config,
                  launch_args=launch_args)
     return train_losses(again), run.stdout
 
@@ -312,3 +312,32 @@ def test_evaluation_counts_each_block_once_however_many_processes_computed_it():
                     Accelerator(1), ["a", "b"])
     loss, by_source = evaluate(model, batches, Accelerator(2), ["a", "b"])
     assert loss == pytest.approx(once[0], rel=1e-6) and by_source == pytest.approx(once[1], rel=1e-6)
+
+
+@pytest.mark.distributed
+def test_a_pretrained_model_continues_training_under_tensor_parallelism(tmp_path, corpus, one_process):
+    """--model_name_or_path: every process loads the weights and keeps its tp shards (accelerate's rank-0
+    broadcast would send a rank's shards as whole tensors), and continued training matches one process."""
+    common = ["--train_file", corpus, *TINY, *STEPS, "--model_name_or_path", one_process, "--max_train_steps", 4]
+    launch([*common, "--output_dir", tmp_path / "one", "--per_device_train_batch_size", 8])
+    launch([*common, "--output_dir", tmp_path / "tp", "--per_device_train_batch_size", 4], num_processes=4,
+           config_file="fsdp_tp.yaml", launch_args=sizes(dp_shard=2))
+    assert results(tmp_path / "tp")["mesh"]["tp"] == 2
+    assert_same_losses(train_losses(tmp_path / "tp"), train_losses(tmp_path / "one"))
+
+
+@pytest.mark.distributed
+def test_streams_under_tensor_parallelism_each_data_parallel_rank_reads_its_own_part_and_resume(tmp_path, corpus):
+    """--streaming: the 2 data-parallel ranks each read one part of the stream, their tp ranks get the same
+    batches; the losses are one process's reading the same 2 parts, and a resume from step 4 repeats them."""
+    common = ["--train_file", corpus, *TINY, *STEPS, "--streaming"]
+    launch([*common, "--output_dir", tmp_path / "one", "--per_device_train_batch_size", 8, "--stream_readers", 2])
+    out = tmp_path / "tp"
+    run = launch([*common, "--output_dir", out, "--per_device_train_batch_size", 4], num_processes=4,
+                 config_file="fsdp_tp.yaml", launch_args=sizes(dp_shard=2))
+    assert "streamed in 2 parts, each process reading its own" in run.stdout
+    losses = train_losses(out)
+    assert_same_losses(losses, train_losses(tmp_path / "one"))
+    again, _ = resume_from_step_4(out, tmp_path, "again", corpus, "fsdp_tp.yaml", 4, 4, sizes(dp_shard=2),
+                                  ["--streaming"])
+    assert max(abs(again[s] - losses[s]) for s in range(5, 9)) < 1e-6

@@ -44,7 +44,10 @@ class Plan:
         if accelerator.state.deepspeed_plugin is not None:
             # the train loader has a batch sampler, so accelerate cannot read the micro-batch off it
             accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = self.micro_batch
-        if self.init_on_meta:  # no weights on rank 0 to broadcast: each process initializes its own shards
+        if self.init_on_meta or self.mesh.tp > 1:
+            # from scratch no process has weights to broadcast: each initializes its own shards; and a
+            # tensor-parallel process holds its tp shards, which accelerate would broadcast as whole tensors:
+            # each process loads the pretrained weights and keeps its shards (the whole model in CPU RAM once)
             accelerator.state.fsdp_plugin.cpu_ram_efficient_loading = False
         if accelerator.num_processes != self.world_size:
             raise UserError(f"accelerate started {accelerator.num_processes} process(es) but the launcher asked for "
