@@ -14,6 +14,7 @@ import os
 import sys
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
 from tqdm.auto import tqdm
@@ -34,7 +35,7 @@ from utils.offload import ActivationOffloading
 from utils.profiling import StepProfiler
 from utils.metrics import TrainingMetrics, device_peak_flops, perplexity, tracker_init_kwargs, trackers
 from utils.model import (build_model, initialize_shards, load_base_config, local_parameter_count, model_config,
-                         parameter_count, training_flops_per_token)
+                         parameter_count, preset_config, training_flops_per_token)
 from utils.optim import build_optimizer, build_scheduler, regroup_parameters
 from utils.distributed import preflight
 from utils.mesh import apply_tensor_parallel, context_parallel
@@ -44,32 +45,39 @@ from utils.stream import stream_blocks, stream_readers
 
 
 @torch.no_grad()
-def evaluate(model, eval_dataloader, accelerator, source_names):
+def evaluate(model, eval_dataloader, accelerator, source_names, cp=1):
     """Loss per predicted token over every source's validation blocks, each block counted once however
-    many processes computed it: (the overall loss, {source name: its own loss} when there are several)."""
+    many processes computed it (the loader's padding to even batches, tensor-parallel copies); under
+    context parallelism each cp rank computes its part of every block, as in training. Returns (the
+    overall loss, {source name: its own loss} when there are several sources)."""
     model.eval()
-    sums, counts, sources, numbers = [], [], [], []
+    part = accelerator.torch_device_mesh["cp"].get_local_rank() if cp > 1 else 0
+    gathered = {"sum": [], "count": [], "source": [], "key": []}
     for batch in eval_dataloader:
         source, number = batch.pop("source"), batch.pop("block")  # which source each block is from, its number
-        labels = batch.pop("labels")[:, 1:]  # token t+1 is predicted at position t
-        with accelerator.autocast():
+        with context_parallel(accelerator, batch, cp), accelerator.autocast():  # cp: this rank's part of each block
+            targets = batch.pop("shift_labels", None)  # split with the blocks (cp), else token t+1 is predicted at t
+            labels = batch.pop("labels")
+            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX) if targets is None else targets
             logits = model(**batch, use_cache=False).logits
-        token_loss = token_losses(logits[:, :-1], labels)  # fp32 a slice at a time, not the whole batch's logits
-        for out, value in ((sums, token_loss.sum(dim=1)), (counts, (labels != IGNORE_INDEX).sum(dim=1)),
-                           (sources, source), (numbers, number)):
-            out.append(accelerator.gather(value))
+        token_loss = token_losses(logits, targets)  # fp32 a slice at a time, not the whole batch's logits
+        for key, value in (("sum", token_loss.sum(dim=1)), ("count", (targets != IGNORE_INDEX).sum(dim=1)),
+                           ("source", source), ("key", number * cp + part)):
+            gathered[key].append(accelerator.gather(value))
     model.train()
-    numbers = torch.cat(numbers)  # a block computed twice (padding, tp copies) is written twice, kept once
-    sums, counts, sources = (torch.zeros(int(numbers.max()) + 1, dtype=t[0].dtype, device=t[0].device).index_put_(
-        (numbers,), torch.cat(t)) for t in (sums, counts, sources))
+    sums, counts, sources, keys = (torch.cat(gathered[key]) for key in ("sum", "count", "source", "key"))
+    order = torch.arange(len(keys), device=keys.device)  # gathered: batch by batch, process by process
+    first = torch.full((int(keys.max()) + 1,), len(keys), device=keys.device).scatter_reduce_(0, keys, order, "amin")
+    first = first[first < len(keys)]  # each block (each cp part of it) once: its first copy, the same every run
+    sums, counts, sources = sums[first], counts[first], sources[first]
     by_source = {name: (sums[sources == i].sum() / counts[sources == i].sum()).item()
                  for i, name in enumerate(source_names)} if len(source_names) > 1 else {}
     return (sums.sum() / counts.sum()).item(), by_source
 
 
-def evaluate_only(model, eval_dataloader, accelerator, args, blocks):
+def evaluate_only(model, eval_dataloader, accelerator, args, blocks, cp=1):
     """--eval_only: loss and perplexity of --model_name_or_path on the validation split; nothing is trained."""
-    eval_loss, by_source = evaluate(model, eval_dataloader, accelerator, [b["label"] for b in blocks])
+    eval_loss, by_source = evaluate(model, eval_dataloader, accelerator, [b["label"] for b in blocks], cp)
     results = dict(eval_loss=eval_loss, perplexity=perplexity(eval_loss),
                    eval_tokens=sum(len(b["validation"]) for b in blocks) * args.block_size,
                    model=args.model_name_or_path, block_size=args.block_size,
@@ -123,7 +131,7 @@ def main(argv=None):
     accelerator.print(f"model: {n_params / 1e6:.2f}M parameters, {flops_per_token / 1e6:.1f} MFLOPs/token | "
                       f"data: {describe_data(blocks, train_order, args.block_size)} | {max_steps} steps")
     if args.eval_only:  # measure an existing model through the same data pipeline, then stop
-        return evaluate_only(model, eval_dataloader, accelerator, args, blocks)
+        return evaluate_only(model, eval_dataloader, accelerator, args, blocks, plan.mesh.cp)
     source_names = [b["label"] for b in blocks]
 
     # ---- Resume or start ----
@@ -141,7 +149,7 @@ def main(argv=None):
     accelerator.init_trackers(args.project_name, config=plan.tracker_config(args),
                               init_kwargs=tracker_init_kwargs(args.output_dir, args.run_name))
     if state.initial_eval_loss is None:
-        state.initial_eval_loss, by_source = evaluate(model, eval_dataloader, accelerator, source_names)
+        state.initial_eval_loss, by_source = evaluate(model, eval_dataloader, accelerator, source_names, plan.mesh.cp)
         metrics.eval_done(0, state.initial_eval_loss, by_source)
     progress = tqdm(total=max_steps, initial=state.step, disable=not (accelerator.is_local_main_process and terminal),
                     desc="training", file=sys.stdout)  # stderr stays for warnings and errors
@@ -209,7 +217,7 @@ def main(argv=None):
 
             with metrics.paused():  # evaluation and saving are not training time
                 if (args.eval_steps and state.step % args.eval_steps == 0) or state.step == max_steps:
-                    eval_loss, by_source = evaluate(model, eval_dataloader, accelerator, source_names)
+                    eval_loss, by_source = evaluate(model, eval_dataloader, accelerator, source_names, plan.mesh.cp)
                     metrics.eval_done(state.step, eval_loss, by_source)
                 saved = checkpointer.save(state) if checkpointer.due(state.step) else None
             if stop.agreed(accelerator):  # preemption / Ctrl-C: keep this step, then exit
@@ -222,7 +230,7 @@ def main(argv=None):
     checkpointer.close()  # old checkpoints deleted in the background
 
     if eval_loss is None:  # resumed at the end: nothing was trained in this run
-        eval_loss, by_source = evaluate(model, eval_dataloader, accelerator, source_names)
+        eval_loss, by_source = evaluate(model, eval_dataloader, accelerator, source_names, plan.mesh.cp)
     sources = source_results(blocks, train_order, state, samples_per_step, args.block_size, eval_loss, by_source) \
         if accelerator.is_main_process else None  # only the main process reads a stream: only it knows the draws
     finish(model, tokenizer, accelerator, args, plan, state, eval_loss,
@@ -240,6 +248,7 @@ def setup(args):
     checkpointer = Checkpointer(args.output_dir, args.checkpointing_steps, args.checkpoints_total_limit,
                                 resume=args.resume_from_checkpoint, mesh=plan.mesh)  # a bad --resume_from_checkpoint fails here
     base_config = load_base_config(args)  # a bad model name fails here
+    plan.mesh.check_model(base_config or preset_config(args.model_preset, vocab_size=64))  # TP: a plan, sizes that divide
     accelerator = Accelerator(gradient_accumulation_plugin=GradientAccumulationPlugin(  # a step's micro-batches
                                   num_steps=plan.gradient_accumulation_steps, sync_with_dataloader=False),  # come whole
                               log_with=trackers(args.report_to, args.output_dir, args.run_name),
@@ -262,7 +271,6 @@ def load_data(args, accelerator, base_config, samples_per_step, mesh, resumed_po
     if args.data_dir:  # written by prepare_data.py: memory-mapped, nothing is read or tokenized here
         tokenizer = store_tokenizer(args.data_dir, args.tokenizer_name or args.model_name_or_path)
         config = model_config(args, base_config, tokenizer)
-        mesh.check_model(config)  # tensor parallelism: a plan, and sizes that divide
         blocks = open_blocks(args.data_dir, args.block_size, args.max_eval_samples, args.train_weights,
                              check=accelerator.is_main_process)  # every shard's size: one stat each, once
     else:
@@ -270,7 +278,6 @@ def load_data(args, accelerator, base_config, samples_per_step, mesh, resumed_po
         tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path, args.vocab_size, sources, accelerator,
                                    args.tokenizer_sample_documents)
         config = model_config(args, base_config, tokenizer)  # a tokenizer the model cannot embed fails before tokenizing
-        mesh.check_model(config)
         if args.streaming:  # tokenized and packed on the fly while training; only validation blocks are made now
             blocks = stream_blocks(sources, tokenizer, args.block_size, args.stream_shuffle_blocks, args.seed,
                                    args.max_eval_samples, args.validation_split_percentage, args.stream_readers)

@@ -57,6 +57,7 @@ def test_shipped_mesh_configs_multiply_to_their_process_count_and_fit_the_1b_pre
 @pytest.mark.parametrize("world, sizes, message", [
     (4, dict(dp_shard=4, tp=2), "= 8 processes but the launch has 4"),
     (4, dict(dp_replicate=4), "replicates without sharding, which is DDP"),
+    (4, dict(), "replicates without sharding, which is DDP"),  # all sizes 1: accelerate replicates
     (2, dict(tp=2), "leaves FSDP2 nothing to shard over"),
     (4, dict(dp_shard=2, cp=2), "context parallelism needs GPUs"),
     (4, dict(dp_shard=2, sp=2), "DeepSpeed's sequence parallelism"),
@@ -89,6 +90,7 @@ def test_context_parallel_refusals(flags, message):
     (preset_config("tiny", 512), 8, "num_attention_heads = 4 is not divisible by tp_size 8"),
     (preset_config("1b", 512), 16, "num_key_value_heads = 8 is not divisible by tp_size 16"),  # 32 heads divide
     (LlamaConfig(**{**LLAMA["tiny"], "intermediate_size": 191}), 2, "intermediate_size = 191"),
+    (LlamaConfig(**LLAMA["tiny"], tie_word_embeddings=True), 2, "ties its output layer to its input embeddings"),
 ])
 def test_tensor_parallel_needs_a_plan_and_sizes_that_divide(config, tp, message):
     with pytest.raises(UserError, match=message):
@@ -341,3 +343,14 @@ def test_streams_under_tensor_parallelism_each_data_parallel_rank_reads_its_own_
     again, _ = resume_from_step_4(out, tmp_path, "again", corpus, "fsdp_tp.yaml", 4, 4, sizes(dp_shard=2),
                                   ["--streaming"])
     assert max(abs(again[s] - losses[s]) for s in range(5, 9)) < 1e-6
+
+
+def test_under_tensor_parallelism_every_data_parallel_rank_reads_its_own_stream_parts():
+    from utils.stream import stream_readers
+
+    assert stream_readers(None, None, 2, 1, 8, can_dispatch=False) == (2, range(1, 2))
+    with pytest.raises(UserError, match="give --stream_readers a multiple of 2"):
+        stream_readers(3, None, 2, 0, 12, can_dispatch=False)
+    with pytest.raises(UserError, match="resume on a mesh whose data-parallel ranks divide 1"):
+        stream_readers(None, {"drawn": [0], "readers": 1}, 2, 0, 8, can_dispatch=False)
+    assert stream_readers(3, None, 2, 0, 12) == (3, range(3))  # without tp / cp the main process dispatches

@@ -44,11 +44,6 @@ class Plan:
         if accelerator.state.deepspeed_plugin is not None:
             # the train loader has a batch sampler, so accelerate cannot read the micro-batch off it
             accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = self.micro_batch
-        if self.init_on_meta or self.mesh.tp > 1:
-            # from scratch no process has weights to broadcast: each initializes its own shards; and a
-            # tensor-parallel process holds its tp shards, which accelerate would broadcast as whole tensors:
-            # each process loads the pretrained weights and keeps its shards (the whole model in CPU RAM once)
-            accelerator.state.fsdp_plugin.cpu_ram_efficient_loading = False
         if accelerator.num_processes != self.world_size:
             raise UserError(f"accelerate started {accelerator.num_processes} process(es) but the launcher asked for "
                             f"{self.world_size}: on CPU use an accelerate config with distributed_type MULTI_GPU and "
@@ -166,6 +161,12 @@ def _apply(plan, args, env, deepspeed, ds_file):
     env["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"] = str(plan.gradient_accumulation_steps)
     # a collective that a dead rank never joins then raises after --ddp_timeout instead of hanging forever (a user's value wins)
     env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    if plan.init_on_meta or plan.mesh.tp > 1:
+        # FSDP's rank-0 load and broadcast, off (accelerate's plugin and transformers' from_pretrained read it): from
+        # scratch no process has weights to broadcast, each initializes its own shards; a tensor-parallel process
+        # holds tp shards, which accelerate would broadcast as whole tensors, so each process loads the pretrained
+        # weights and keeps its shards (each process of a node holds the whole model in CPU RAM while loading)
+        env["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
     if ds_file != "none":
         # the shipped accelerate configs name ds_configs/*.json relative to the repository root:
         # hand accelerate the path that exists, from any working directory

@@ -37,8 +37,8 @@ class Mesh:
             raise UserError("parallelism_config_sp_size is DeepSpeed's sequence parallelism, which this script does "
                             "not build: use parallelism_config_cp_size (context parallelism) with FSDP2")
         mesh = cls(**sizes, configured=True)
-        if mesh.size == 1 and world_size > 1:  # accelerate's own default: every process a data-parallel replica
-            return cls(dp_shard=world_size, configured=True)
+        if mesh.size == 1 and world_size > 1:  # as accelerate reads it: every process a replica (check refuses it)
+            return cls(dp_replicate=world_size, configured=True)
         return mesh
 
     @property
@@ -117,6 +117,9 @@ class Mesh:
         if not getattr(config, "base_model_tp_plan", None):
             raise UserError(f"{type(config).__name__.removesuffix('Config')} models have no tensor-parallel plan in "
                             "transformers: use a Llama-style model (--model_preset 125m, ...) or a config without tp_size")
+        if getattr(config.get_text_config(), "tie_word_embeddings", False):
+            raise UserError("the model ties its output layer to its input embeddings, which the tensor-parallel plan "
+                            "shards differently: use a model with untied embeddings, or a config without tp_size")
         for key in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
             value = getattr(config, key, None)
             if value and value % self.tp:

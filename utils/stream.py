@@ -66,10 +66,11 @@ def stream_readers(requested, saved_position, num_processes, process_index, samp
         raise UserError(f"the global batch of {samples_per_step} sequences is not a multiple of the {readers} stream "
                         f"readers (--stream_readers, by default the process count): each step takes the same share "
                         f"of every part; give --stream_readers a divisor of {samples_per_step}")
-    if readers % num_processes and not can_dispatch:
+    if readers % num_processes and not can_dispatch:  # under tensor / context parallelism every rank reads its own
+        fix = (f"resume on a mesh whose data-parallel ranks divide {readers}" if saved else
+               f"give --stream_readers a multiple of {num_processes}")
         raise UserError(f"the streams are read in {readers} parts, not a multiple of the {num_processes} data-parallel "
-                        "ranks, and under tensor / context parallelism every rank must read its own: give "
-                        f"--stream_readers a multiple of {num_processes}")
+                        f"ranks, and under tensor / context parallelism each rank must read its own parts: {fix}")
     if readers % num_processes:
         return readers, range(readers)
     share = readers // num_processes
