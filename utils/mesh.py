@@ -114,6 +114,14 @@ class Mesh:
         its sizes must divide."""
         if self.tp == 1:
             return
+        try:  # transformers' own plans and their application, as from_pretrained(tp_plan=...) uses them
+            from transformers import PreTrainedModel
+            from transformers.distributed.tensor_parallel import apply_tensor_parallelism  # noqa: F401
+            PreTrainedModel._resolve_parallel_plans  # noqa: B018
+        except (ImportError, AttributeError) as e:
+            import transformers
+            raise UserError(f"tensor parallelism here uses transformers' plans as of 5.24 (this is "
+                            f"{transformers.__version__}): pip install -r requirements.txt -c constraints.txt") from e
         if not getattr(config, "base_model_tp_plan", None):
             raise UserError(f"{type(config).__name__.removesuffix('Config')} models have no tensor-parallel plan in "
                             "transformers: use a Llama-style model (--model_preset 125m, ...) or a config without tp_size")
