@@ -354,3 +354,14 @@ def test_under_tensor_parallelism_every_data_parallel_rank_reads_its_own_stream_
     with pytest.raises(UserError, match="resume on a mesh whose data-parallel ranks divide 1"):
         stream_readers(None, {"drawn": [0], "readers": 1}, 2, 0, 8, can_dispatch=False)
     assert stream_readers(3, None, 2, 0, 12) == (3, range(3))  # without tp / cp the main process dispatches
+
+
+@pytest.mark.distributed
+def test_an_fsdp2_checkpoint_resumes_onto_a_tensor_parallel_mesh(tmp_path, corpus):
+    """DCP reshards into TP too: FSDP2 on 4 processes, checkpoint at step 4, resumed as tp 2 x dp_shard 2."""
+    out = tmp_path / "fsdp"
+    run_mesh(out, corpus, "fsdp.yaml", 4, 2, [])
+    losses = train_losses(out)
+    again, output = resume_from_step_4(out, tmp_path, "tp", corpus, "fsdp_tp.yaml", 4, 4, sizes(dp_shard=2))
+    assert "saved by 4 processes (data parallel), this run has 4 (dp_shard 2 x tp 2)" in output
+    assert_same_losses(again, losses, range(5, 9))
