@@ -14,7 +14,6 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
 from tqdm.auto import tqdm
@@ -30,7 +29,7 @@ from utils.files import write_atomic
 from utils.generate import generate
 from utils.export import save_model
 from utils.hub import push_to_hub, set_generation_ids, write_model_card
-from utils.loss import token_losses
+from utils.loss import next_token_labels, token_losses
 from utils.offload import ActivationOffloading
 from utils.profiling import StepProfiler
 from utils.metrics import TrainingMetrics, device_peak_flops, perplexity, tracker_init_kwargs, trackers
@@ -58,7 +57,7 @@ def evaluate(model, eval_dataloader, accelerator, source_names, cp=1):
         with context_parallel(accelerator, batch, cp), accelerator.autocast():  # cp: this rank's part of each block
             targets = batch.pop("shift_labels", None)  # split with the blocks (cp), else token t+1 is predicted at t
             labels = batch.pop("labels")
-            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX) if targets is None else targets
+            targets = next_token_labels(labels) if targets is None else targets
             logits = model(**batch, use_cache=False).logits
         token_loss = token_losses(logits, targets)  # fp32 a slice at a time, not the whole batch's logits
         for key, value in (("sum", token_loss.sum(dim=1)), ("count", (targets != IGNORE_INDEX).sum(dim=1)),

@@ -14,8 +14,6 @@ import os
 import runpy
 import sys
 
-import torch
-
 from accelerate import PartialState
 from accelerate.utils import DistributedType
 
@@ -39,8 +37,7 @@ def preflight(args, env=os.environ):
         plan = _product_preflight(args, env)
     finally:
         distributed.torch.cuda.is_available = cuda
-    if env.get("OMP_NUM_THREADS") == "1":  # as preflight shares the cores on CPU
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(env.get("LOCAL_WORLD_SIZE", 1))))
+    distributed.share_cores(env)  # as preflight does on CPU
     return plan
 
 

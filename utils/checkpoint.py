@@ -323,7 +323,7 @@ class Checkpointer:
 
     def __init__(self, output_dir, every=None, total_limit=None, resume=None, mesh=None):
         self.output_dir, self.every, self.total_limit, self.requested = output_dir, every, total_limit, resume
-        self.mesh = mesh.record() if mesh and mesh.configured else None  # a parallelism_config's sizes (utils/mesh.py)
+        self.mesh = mesh.record() if mesh else None  # a parallelism_config's sizes (utils/mesh.py)
         self.resume_from, self.resume_state = resolve_resume(output_dir, resume)
         self._load_from, self.data = None, None
         self.deleter = BackgroundDeleter()

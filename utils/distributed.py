@@ -104,7 +104,7 @@ class Plan:
                     mixed_precision=accelerator.mixed_precision, zero_stage=self.zero_stage,
                     gradient_accumulation_steps=accelerator.gradient_accumulation_steps,
                     global_batch_size=self.samples_per_step(accelerator), micro_batch_size=self.micro_batch,
-                    init_on_meta=self.init_on_meta, mesh=self.mesh.record() if self.mesh.configured else None)
+                    init_on_meta=self.init_on_meta, mesh=self.mesh.record())
 
     def tracker_config(self, args):
         """The run config as flat scalars (TensorBoard's hparams take no None or lists)."""
@@ -183,9 +183,13 @@ def _apply(plan, args, env, deepspeed, ds_file):
         if plan.world_size > 1 and not deepspeed:
             # accelerate's multi-GPU launcher ignores use_cpu: without this every process would train alone
             env["ACCELERATE_USE_CPU"] = "true"
-        if env.get("OMP_NUM_THREADS") == "1":
-            # `accelerate launch` without --cpu pins every process to one thread: share the cores instead
-            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(env.get("LOCAL_WORLD_SIZE", 1))))
+        share_cores(env)
+
+
+def share_cores(env):
+    """On CPU, `accelerate launch` without --cpu pins every process to one thread: share the cores instead."""
+    if env.get("OMP_NUM_THREADS") == "1":
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(env.get("LOCAL_WORLD_SIZE", 1))))
 
 
 def _existing_path(path):

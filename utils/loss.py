@@ -20,6 +20,11 @@ def chunk_rows(vocab_size, chunk_elements=None):
     return max(1, (chunk_elements or LOSS_CHUNK_ELEMENTS) // vocab_size)
 
 
+def next_token_labels(labels, ignore_index=IGNORE_INDEX):
+    """The label of each position: the next token (token t+1 is predicted at t); the last predicts nothing."""
+    return F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+
+
 def _summed_cross_entropy(logits, labels, ignore_index):
     return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="sum")
 
@@ -29,7 +34,7 @@ def causal_lm_loss(logits, labels, vocab_size, num_items_in_batch=None, ignore_i
     """transformers' ForCausalLMLoss (same arguments, same value), computed slice by slice: set as a
     model's `loss_function` (utils/model.py build_model), the model class untouched."""
     if shift_labels is None:  # token t+1 is predicted at position t
-        shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        shift_labels = next_token_labels(labels, ignore_index)
     logits, shift_labels = logits.reshape(-1, vocab_size), shift_labels.reshape(-1).to(logits.device)
     rows = chunk_rows(vocab_size, chunk_elements)
     if len(logits) <= rows:

@@ -11,10 +11,9 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from utils.errors import UserError
-from utils.loss import IGNORE_INDEX
+from utils.loss import next_token_labels
 
 _SIZES = ("dp_replicate", "dp_shard", "tp", "cp")
 
@@ -76,7 +75,8 @@ class Mesh:
         return f" | mesh {layout(self.record())}" if self.configured else ""
 
     def record(self):
-        return {name: getattr(self, name) for name in _SIZES}
+        """The sizes, for results.json and checkpoints; None without a parallelism_config."""
+        return {name: getattr(self, name) for name in _SIZES} if self.configured else None
 
     def check(self, world_size, fsdp, cuda, args):
         """Every layout that would fail deep in a library or train wrong, in one line, before any work."""
@@ -89,7 +89,7 @@ class Mesh:
                             "--parallelism_config_dp_shard_size N on the accelerate launch command line)")
         if not fsdp:
             raise UserError("a parallelism_config needs FSDP2 (distributed_type: FSDP, fsdp_version: 2), as in "
-                            "accelerate_configs/hsdp.yaml, fsdp_tp.yaml and fsdp_cp.yaml")
+                            "accelerate_configs/multi_node_hsdp.yaml, fsdp_tp.yaml and fsdp_cp.yaml")
         if self.dp_replicate > 1 and self.dp_shard == 1:
             raise UserError(f"parallelism_config {sizes} replicates without sharding, which is DDP: use "
                             "accelerate_configs/multi_gpu.yaml, or set dp_shard_size > 1 for HSDP")
@@ -198,7 +198,7 @@ def context_parallel(accelerator, batch, cp):
     labels = batch["labels"]
     if labels is batch["input_ids"]:  # one tensor under two names would be split twice
         labels = batch["labels"] = labels.clone()
-    batch["shift_labels"] = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:].contiguous()  # utils/loss.py reads it
+    batch["shift_labels"] = next_token_labels(labels).contiguous()  # utils/loss.py reads it
     if "position_ids" not in batch:
         batch["position_ids"] = torch.arange(labels.shape[1], device=labels.device).expand_as(labels).contiguous()
     buffers = [batch[key] for key in ("input_ids", "labels", "shift_labels", "position_ids")]
