@@ -312,7 +312,8 @@ def source_results(blocks, train_order, state, samples_per_step, block_size, eva
         drawn = [n - skipped for n, skipped in zip(drawn, rolled.get("skipped_blocks") or [0] * len(drawn))]
     return [dict(source=b["label"], identity=b["identity"], weight=b["weight"], train_tokens=n * block_size,
                  share=n / max(sum(drawn), 1), eval_loss=eval_by_source.get(b["label"], eval_loss),
-                 eval_tokens=b["eval_tokens"], held_out_tokens=b["held_out_tokens"])  # held out: not trained on
+                 eval_tokens=b["eval_tokens"], held_out_tokens=b["held_out_tokens"],  # held out: not trained on
+                 **({"cleaning": b["cleaning"]} if b.get("cleaning") else {}))  # a token store's, by prepare_data.py
             for b, n in zip(blocks, drawn)]
 
 

@@ -234,7 +234,8 @@ def open_blocks(path, block_size, max_eval_samples=None, weights=None, check=Tru
             train = join_tokens([TokenView(validation, held_out, len(validation)), train])  # what evaluation leaves
         opened = {"label": source["label"], "identity": source["identity"],
                   "content": source_content(path, manifest, number), "weight": weights[number] if weights else None,
-                  "held_out_tokens": held_out, "train": PackedBlocks(join_tokens([train]), block_size),
+                  "held_out_tokens": held_out, "cleaning": source.get("cleaning"),  # prepare_data.py --clean's
+                  "train": PackedBlocks(join_tokens([train]), block_size),
                   "validation": PackedBlocks(join_tokens([TokenView(validation, 0, min(wanted, len(validation)))]),
                                              block_size, source=number)}
         opened["eval_tokens"] = len(opened["validation"]) * block_size

@@ -246,6 +246,27 @@ def sources_table(run):
     return "\n".join(lines)
 
 
+def cleaning_table(run):
+    """A token store's cleaning (prepare_data.py --clean): per source, split and step, what was removed."""
+    sources = [s for s in (run.results or {}).get("sources") or [] if s.get("cleaning")]
+    if not sources:
+        return None
+    lines = ["| source | split | step | documents removed | tokens removed | why (datatrove's reasons) |",
+             "|---|---|---|---|---|---|"]
+    for s in sources:
+        for split, steps in s["cleaning"].items():
+            for step, removed in steps.items():
+                if isinstance(removed, dict):
+                    share = removed["documents"] / max(steps["documents"], 1)
+                    why = ", ".join(f"{reason} {n:,}" for reason, n in sorted(removed["reasons"].items(),
+                                                                              key=lambda item: -item[1])[:3])
+                    tokens = f"{removed['tokens']:,}" if "tokens" in removed else "-"
+                    lines.append(f"| {s['source']} | {split} | {step} | {removed['documents']:,} ({share:.1%}) | "
+                                 f"{tokens} | {why or '-'} |")
+            lines.append(f"| {s['source']} | {split} | kept | {steps['kept']:,} of {steps['documents']:,} | | |")
+    return "\n".join(lines)
+
+
 def events_table(run):
     """One row per loss-spike event: a skipped (or, under DeepSpeed, applied) outlier, a rollback."""
     if not run.events:
@@ -365,6 +386,8 @@ def write_report(output_dir):
     lines += ["## Metrics", "", metrics_table(run), ""]
     if sources_table(run):
         lines += ["## Sources", "", sources_table(run), ""]
+    if cleaning_table(run):
+        lines += ["## Cleaning (prepare_data.py --clean)", "", cleaning_table(run), ""]
     if events_table(run):
         lines += ["## Loss spikes", "", events_table(run), ""]
     if profile_table(run):

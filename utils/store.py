@@ -37,6 +37,7 @@ READS = (2, 3)  # their validation split was held out of train (a format-2 store
 INDEX = "index.npy"
 MANIFEST = "manifest.json"
 PLAN = "plan.json"  # what a store being written holds: a resume must be for the same sources and tokenizer
+CLEANING = "cleaning"  # prepare_data.py --clean's work and records (utils/clean.py), written before the plan
 SHARD_DOCUMENTS = 50_000  # documents per shard: the unit of resumable work
 ENCODE_BATCH = 1_000  # documents per call of the Rust tokenizer, which spreads a batch over every core
 
@@ -52,7 +53,8 @@ def tokenizer_identity(tokenizer):
     return hashlib.sha256(f"{text}|eos={tokenizer.eos_token_id}|n={len(tokenizer)}".encode()).hexdigest()[:16]
 
 
-def write_store(path, sources, tokenizer, encode, workers=None, shard_documents=SHARD_DOCUMENTS, part=(0, 1)):
+def write_store(path, sources, tokenizer, encode, workers=None, shard_documents=SHARD_DOCUMENTS, part=(0, 1),
+                cleaning=None):
     """Tokenize `sources` into the store at `path` (resuming its finished shards); returns the manifest.
 
     sources: [{"label", "identity" (JSON-able), "text_column", "splits": {split: datasets.Dataset}}].
@@ -60,13 +62,15 @@ def write_store(path, sources, tokenizer, encode, workers=None, shard_documents=
     workers: processes that tokenize shards side by side (default: one, whose Rust tokenizer uses every core).
     part: (i, n): this process writes every n-th shard from the i-th, so n processes share the work (a node's
     training processes); part 0 then waits on the filesystem (in no timed collective) for the others' shards
-    and writes the manifest; the others return None once theirs are written."""
+    and writes the manifest; the others return None once theirs are written.
+    cleaning: what utils/clean.py removed ({"settings", "sources"}), recorded in the plan (so the content id)
+    and per source in the manifest."""
     plan = {"format": FORMAT, "tokenizer": tokenizer_identity(tokenizer), "eos_token_id": tokenizer.eos_token_id,
             "vocab_size": len(tokenizer), "dtype": np.dtype(token_dtype(len(tokenizer))).name,
             "sources": [{"label": s["label"], "identity": s["identity"], "text_column": s["text_column"],
                          "validation": "held_out" if s.get("held_out") else "given",  # held out: the rest trains
                          "documents": {split: len(d) for split, d in s["splits"].items()}} for s in sources],
-            "shard_documents": shard_documents}
+            "shard_documents": shard_documents, **({"cleaning": cleaning["settings"]} if cleaning else {})}
     _claim(path, plan)
     if os.path.isfile(os.path.join(path, MANIFEST)):
         return read_manifest(path)
@@ -112,8 +116,14 @@ def write_store(path, sources, tokenizer, encode, workers=None, shard_documents=
             digests += [s["sha256"] for s in shards]
         manifest["sources"].append({**planned, "dir": folder, "splits": splits,
                                     "content": content_hash(planned["validation"], digests)})
+        if cleaning:  # per split and step: documents and tokens removed, by reason
+            number = len(manifest["sources"]) - 1
+            manifest["sources"][-1]["cleaning"] = {
+                split: {step: {k: v for k, v in s.items() if k != "rows"} if isinstance(s, dict) else s
+                        for step, s in steps.items()} for split, steps in cleaning["sources"][number].items()}
         every_digest.append(digests)
-    manifest["content_id"] = hashlib.sha256(json.dumps([plan["tokenizer"], every_digest]).encode()).hexdigest()[:16]
+    manifest["content_id"] = hashlib.sha256(json.dumps([plan["tokenizer"], every_digest] + (
+        [plan["cleaning"]] if cleaning else [])).encode()).hexdigest()[:16]
     write_atomic(os.path.join(path, MANIFEST), json.dumps(manifest, indent=2))
     return manifest
 
@@ -156,7 +166,7 @@ def _claim(path, plan):
     plan_file = os.path.join(path, PLAN)
     if not os.path.isfile(plan_file):
         names = os.listdir(path)  # PLAN.tmp...: a peer claiming it; anything else: a peer's claim done, or not a store
-        if not os.path.isfile(plan_file) and any(not name.startswith(PLAN) for name in names):
+        if not os.path.isfile(plan_file) and any(not name.startswith(PLAN) and name != CLEANING for name in names):
             raise UserError(f"{path} is not empty and holds no token store: choose an empty or new --data_dir")
         tmp = temporary_name(plan_file)
         with open(tmp, "w") as f:
@@ -169,6 +179,12 @@ def _claim(path, plan):
     if claimed != json.loads(json.dumps(plan)):
         raise UserError(f"{path} holds a store of other sources or another tokenizer: choose an empty "
                         "--data_dir, or delete that one")
+
+
+def claimed_plan(path):
+    """What the store at `path` was begun for (its plan), or None if none was."""
+    plan_file = os.path.join(path, PLAN)
+    return _read_json(plan_file) if os.path.isfile(plan_file) else None
 
 
 def _write_shard(dataset, text_column, start, end, base, encode, dtype):
