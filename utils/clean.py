@@ -4,7 +4,8 @@ text). This module is only the glue: which documents each task reads, which each
 
 The steps, always in this order however they are listed (each opt-in):
   exact              the same text after lowercasing, Unicode NFKC and whitespace folding, within and across
-                     sources: the copy in the source listed first is kept   (datatrove ExactDedup*, 3 stages)
+                     sources: the first copy is kept (sources as listed, documents in order)
+                     (datatrove ExactDedup*, 3 stages)
   gopher_repetition  Gopher's repeated lines, paragraphs and n-grams (Rae et al. 2021, table A1)
   gopher_quality     Gopher's word count, word length, symbols, bullets, ellipses, alphabetic words, stop words
   c4                 C4's document rules (Raffel et al. 2020): fewer than 5 sentences in lines that end in
@@ -51,6 +52,7 @@ from datatrove.pipeline.filters import (C4QualityFilter, FineWebQualityFilter, G
 from datatrove.utils.hashing import HashConfig, create_hash_func
 from datatrove.utils.text import ngrams, simplify_text
 from datatrove.utils.word_tokenizers import load_word_tokenizer
+from loguru import logger
 
 from utils.errors import UserError
 from utils.files import write_atomic
@@ -75,6 +77,7 @@ FILTERS = {"gopher_repetition": GopherRepetitionFilter, "gopher_quality": Gopher
 LIMITS = {"minhash_ngrams": (1, 50), "minhash_buckets": (1, 64), "minhash_hashes_per_bucket": (1, 64),
           "decontaminate_ngrams": (4, 50)}
 WORD_HASH = HashConfig(precision=64, hash_fc="sha1")  # n-grams are str, which xxhash 4 (datasets') no longer hashes
+TASK_DOCUMENTS = (1_000, 50_000)  # a task's documents: the corpus / 64 within these bounds
 SAMPLE = 10  # removed documents per source and step written to removed_sample.jsonl
 READ_BATCH = 1_000
 
@@ -118,7 +121,7 @@ def plan_tasks(sources, splits):
     """The tasks over `splits` ((source number, split) pairs), a fixed number of documents each: fixed by the
     corpus alone (not the cores), so a resume on another machine finds the same tasks."""
     total = sum(len(sources[s]["splits"][split]) for s, split in splits)
-    size = min(50_000, max(1_000, math.ceil(total / 64)))
+    size = min(TASK_DOCUMENTS[1], max(TASK_DOCUMENTS[0], math.ceil(total / 64)))
     return [Task(s, split, start, min(start + size, len(sources[s]["splits"][split])))
             for s, split in splits for start in range(0, len(sources[s]["splits"][split]), size)]
 
@@ -128,17 +131,18 @@ class Rows(PipelineStep):
     name = "rows of a split"
     type = "📖 - READER"
 
-    def __init__(self, sources, tasks, alive=None):
+    def __init__(self, sources, tasks, alive=None, only=None):
         super().__init__()
         self.splits = [{split: (d.select_columns([s["text_column"]]), s["text_column"])
                         for split, d in s["splits"].items()} for s in sources]
-        self.tasks, self.alive = tasks, alive
+        self.tasks, self.alive, self.only = tasks, alive, only  # only: a split name (other tasks read nothing)
 
     def run(self, data=None, rank=0, world_size=1):
         task = self.tasks[rank]
+        if self.only and task.split != self.only:
+            return
         dataset, column = self.splits[task.source][task.split]
         rows = np.arange(task.start, task.end) if self.alive is None else np.load(_task_file(self.alive, rank, ".npy"))
-        order = 2 * task.source + (task.split == "train")  # exact duplicates keep the copy listed first
         for first in range(0, len(rows), READ_BATCH):
             batch = rows[first:first + READ_BATCH]
             contiguous = len(batch) and batch[-1] - batch[0] == len(batch) - 1
@@ -146,7 +150,7 @@ class Rows(PipelineStep):
             for row, text in zip(batch.tolist(), texts[column]):
                 self.stat_update("documents")
                 yield Document(text=text or "", id=f"{task.source}/{task.split}/{row}",
-                               metadata={"row": row, "split": task.split, "order": order})
+                               metadata={"row": row, "split": task.split, "task": rank})
 
 
 class Kept(PipelineStep):
@@ -221,8 +225,10 @@ def normalized_text(doc: Document) -> bytes:
 
 
 def listed_first(doc: Document) -> int:
-    """Exact deduplication keeps the copy of highest priority: a held-out validation split, then train, source by source."""
-    return max(1, 65535 - doc.metadata["order"])
+    """Exact deduplication keeps the copy of highest priority, and within one the first of its task: so the
+    first copy in the tasks' order (sources as listed, a held-out validation split before train, documents in
+    order), for the first 65,534 tasks (3 billion documents)."""
+    return max(1, 65535 - doc.metadata["task"])
 
 
 def clean(sources, chosen, folder, workers):
@@ -268,8 +274,13 @@ def _run_steps(sources, chosen, folder, tasks, workers):
     def run(name, pipeline, count):  # datatrove's logs (a table per task) go to STORE/cleaning/log.txt
         start = time.perf_counter()
         with open(os.path.join(folder, "log.txt"), "a") as log, contextlib.redirect_stderr(log):
-            LocalPipelineExecutor(pipeline, tasks=count, workers=max(1, min(workers, count)), start_method="fork",
-                                  logging_dir=os.path.join(work, "logs", name), skip_completed=True).run()
+            logger.remove()  # loguru's sinks hold the stderr of their time: datatrove's summaries, to the log too
+            logger.add(log, level="INFO")
+            try:
+                LocalPipelineExecutor(pipeline, tasks=count, workers=max(1, min(workers, count)), start_method="fork",
+                                      logging_dir=os.path.join(work, "logs", name), skip_completed=True).run()
+            finally:
+                logger.remove()
         print(f"cleaning: {name} done ({count} task{'s' if count > 1 else ''}, {time.perf_counter() - start:.1f} s)")
 
     exact = ExactDedupConfig(content_getter=normalized_text, document_priority=listed_first)
@@ -304,7 +315,7 @@ def _run_steps(sources, chosen, folder, tasks, workers):
             run("index-given", [Rows(sources, given_tasks), DecontaminationIndex(os.path.join(index, "given"), decont)],
                 len(given_tasks))
         if any(held_out):  # held out of train: what the steps before kept of it (tasks numbered as the others)
-            run("index-held-out", [Rows(sources, tasks, alive), DecontaminationIndex(os.path.join(index, "held-out"),
+            run("index-held-out", [Rows(sources, tasks, alive, only="validation"), DecontaminationIndex(os.path.join(index, "held-out"),
                                                                                       decont)], len(tasks))
         second.append(TrainDecontamination(index, decont, exclusion_writer=Removed(removed, "decontaminate")))
     if second:

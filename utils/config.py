@@ -201,7 +201,10 @@ def load_recipe(path, parser):
     if unknown:
         raise UserError(f"recipe {path} has unknown key(s) {', '.join(unknown)}: use flag names without '--'")
     for action in parser._actions:
-        if action.dest in recipe and action.choices and recipe[action.dest] not in action.choices:
+        if action.dest in recipe and action.nargs in ("+", "*") and not isinstance(recipe[action.dest], list):
+            recipe[action.dest] = [recipe[action.dest]]  # `clean: all` as `clean: [all]`
+        values = recipe.get(action.dest) if action.nargs in ("+", "*") else [recipe.get(action.dest)]
+        if action.dest in recipe and action.choices and any(v not in action.choices for v in values):
             raise UserError(f"recipe {path}: {action.dest}={recipe[action.dest]!r} is not one of {list(action.choices)}")
     return recipe
 
