@@ -19,7 +19,8 @@ from utils.config import build_parser, parse_args
 from utils.data import document_encoder, load_tokenizer, write_token_store
 from utils.errors import UserError, run_cli
 from utils.sources import load_source
-from utils.store import CLEANING, MANIFEST, SHARD_DOCUMENTS, check_store, claimed_plan, read_manifest
+from utils.store import (CLEANING, MANIFEST, SHARD_DOCUMENTS, check_claimable, check_store, claimed_plan,
+                         read_manifest)
 
 
 def main(argv=None):
@@ -52,10 +53,13 @@ def main(argv=None):
                         "pass --train_weights to train.py --data_dir")
     if args.streaming:
         raise UserError("prepare_data.py reads the whole corpus: drop --streaming")
-    claimed = claimed_plan(args.data_dir)
-    if claimed is not None and claimed.get("cleaning") != chosen:  # before cleaning, which may take hours
+    claimed = claimed_plan(args.data_dir)  # checked before cleaning, which may take hours
+    if claimed is None:
+        check_claimable(args.data_dir)
+    elif claimed.get("cleaning") != chosen:
         raise UserError(f"{args.data_dir} holds a store cleaned {'otherwise' if claimed.get('cleaning') else 'not at all'}"
-                        ": choose an empty --data_dir, or run with that store's --clean settings")
+                        " (--clean settings, or datatrove's and spaCy's versions): choose an empty --data_dir, or "
+                        "run with that store's settings (train.py --data_dir reads it as it is)")
     start = time.perf_counter()
     sources = [load_source(s, args.validation_split_percentage) for s in args.sources]
     raw, record = sources, None

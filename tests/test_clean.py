@@ -92,6 +92,20 @@ def test_each_planted_defect_is_removed_by_its_step_and_nothing_else(cleaned_sto
     assert not (cleaned_store / "cleaning" / "work").exists()  # the signatures are deleted once done
 
 
+def test_the_same_flags_again_read_the_finished_cleaning_and_store(cleaned_store, planted):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    again = subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "--config", str(planted["folder"] / "recipe.yaml"),
+                            "--validation_split_percentage", "10", "--vocab_size", "512", "--data_dir", str(cleaned_store)],
+                           capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "cleaning: " not in again.stdout  # no datatrove stage ran again: another process, the same identity
+    assert json.loads(again.stdout.splitlines()[-2])["content_id"] == read_manifest(cleaned_store)["content_id"]
+
+
 def test_a_run_from_the_cleaned_store_evaluates_on_the_untouched_validation_split(cleaned_store, planted, tmp_path):
     from transformers import AutoTokenizer
 
@@ -127,6 +141,7 @@ def everything(folder):
 
 def test_same_result_on_any_worker_count_and_after_an_interruption(tmp_path, monkeypatch):
     monkeypatch.setattr(clean, "TASK_DOCUMENTS", (25, 25))  # 5 tasks
+    monkeypatch.setattr(clean, "MERGE_TASKS", 2)  # signatures merged by 2 tasks (per band): hash ranges meet
     chosen = {"steps": list(clean.STEPS), "minhash": {"ngrams": 5, "buckets": 14, "hashes_per_bucket": 8},
               "decontaminate_ngrams": 13}
     clean.clean(sources_in_memory(random.Random(1)), chosen, str(tmp_path / "two"), workers=2)
@@ -164,9 +179,20 @@ def test_bad_settings_are_refused_in_one_line(cleaned_store, planted, tmp_path):
         with pytest.raises(UserError, match=message):
             prepare(base + flags)
     assert not (tmp_path / "s").exists()
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="is not empty and holds no token store"):  # before any cleaning work
+        prepare(base + ["--clean", "exact"])
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["notes.txt"]
     recipe = planted["folder"] / "recipe.yaml"
     with pytest.raises(UserError, match="holds a store cleaned otherwise"):  # before any cleaning work
         prepare(["--config", str(recipe), "--clean", "exact", "--data_dir", str(cleaned_store)])
+    from utils.config import parse_args
+
+    with pytest.raises(UserError, match="are prepare_data.py's"):  # train.py on text would not clean it
+        parse_args(["--config", str(recipe), "--output_dir", str(tmp_path / "run")])
+    assert parse_args(["--config", str(recipe), "--data_dir", str(cleaned_store), "--output_dir",
+                       str(tmp_path / "run")]).data_dir == str(cleaned_store)  # the recipe, shared: its store
     chosen = {"steps": ["exact"]}
     clean.clean(sources_in_memory(random.Random(2)), chosen, str(tmp_path / "c"), workers=1)
     with pytest.raises(UserError, match="other --clean settings"):
@@ -185,3 +211,16 @@ def test_a_changed_setting_is_another_store(planted, tmp_path):
         assert manifests[-1]["cleaning"]["minhash"]["ngrams"] == ngrams
     assert manifests[0]["sources"][0]["content"] == manifests[1]["sources"][0]["content"]  # the same shards
     assert manifests[0]["content_id"] != manifests[1]["content_id"]  # cleaned otherwise: another store
+
+
+def test_kept_rows_are_a_memory_mapped_selection_of_any_dataset(tmp_path):
+    texts = [f"document {i}" for i in range(10)]
+    selected = Dataset.from_dict({"text": texts}).select([5, 3, 1, 7, 9])  # a selection already: composed
+    rows = tmp_path / "rows.npy"
+    np.save(rows, np.array([0, 2, 4], dtype=np.int64))
+    for _ in range(2):  # the second time from the indices file written the first
+        kept = clean._kept_rows(selected, str(rows), "f")
+        assert kept["text"] == ["document 5", "document 1", "document 9"] and kept._indices is not None
+    whole = tmp_path / "all.npy"
+    np.save(whole, np.arange(5, dtype=np.int64))
+    assert clean._kept_rows(selected, str(whole), "g") is selected

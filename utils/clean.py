@@ -30,6 +30,7 @@ stage skips the tasks it finished (an interrupted run resumes), and the signatur
 import contextlib
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -40,6 +41,9 @@ from dataclasses import dataclass
 from importlib.metadata import version
 
 import numpy as np
+import pyarrow as pa
+from datasets import Dataset
+from datasets.table import MemoryMappedTable
 from datatrove.data import Document
 from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.base import PipelineStep
@@ -55,7 +59,7 @@ from datatrove.utils.word_tokenizers import load_word_tokenizer
 from loguru import logger
 
 from utils.errors import UserError
-from utils.files import write_atomic
+from utils.files import publish, temporary_name, write_atomic
 
 STEPS = ("exact", "gopher_repetition", "gopher_quality", "c4", "fineweb", "minhash", "decontaminate")
 
@@ -77,9 +81,11 @@ FILTERS = {"gopher_repetition": GopherRepetitionFilter, "gopher_quality": Gopher
 LIMITS = {"minhash_ngrams": (1, 50), "minhash_buckets": (1, 64), "minhash_hashes_per_bucket": (1, 64),
           "decontaminate_ngrams": (4, 50)}
 WORD_HASH = HashConfig(precision=64, hash_fc="sha1")  # n-grams are str, which xxhash 4 (datasets') no longer hashes
-TASK_DOCUMENTS = (1_000, 50_000)  # a task's documents: the corpus / 64 within these bounds
+TASK_DOCUMENTS = (1_000, 200_000)  # a task's documents: the corpus / 64 within these bounds
+MERGE_TASKS = 64  # exact and MinHash signatures are merged by one task per this many tasks (at most 16; MinHash: per band)
 SAMPLE = 10  # removed documents per source and step written to removed_sample.jsonl
 READ_BATCH = 1_000
+INDEX = "index.npy"  # the decontamination index: every validation n-gram's hash, sorted
 
 
 def settings(args, defaults):
@@ -212,10 +218,35 @@ class DecontaminationIndex(PipelineStep):
 
 
 class TrainDecontamination(NGramsDecontFilter):
-    """datatrove's n-gram decontamination, for train documents (a held-out validation split is the index)."""
+    """datatrove's n-gram decontamination, for train documents (a held-out validation split is the index),
+    its index one sorted array memory-mapped (datatrove's is a dict built again in every task: ~100 bytes per
+    validation n-gram, per task)."""
+
+    def load_index_hashes(self):
+        self._index_hashes = SortedHashes(os.path.join(self.index_folder.path, INDEX))
 
     def filter(self, doc):
         return doc.metadata["split"] != "train" or super().filter(doc)
+
+
+class SortedHashes:
+    """The `get` of datatrove's index dict over a sorted uint64 array (memory-mapped: the page cache is shared)."""
+
+    def __init__(self, path):
+        self.hashes = np.load(path, mmap_mode="r")
+
+    def get(self, value, default=None):
+        at = int(np.searchsorted(self.hashes, value))
+        return "validation" if at < len(self.hashes) and int(self.hashes[at]) == value else default
+
+
+def _merge_index(folder):
+    """The tasks' n-gram hashes as one sorted array without repeats (folder/INDEX)."""
+    parts = [np.fromfile(os.path.join(root, name), dtype=np.uint64) for root, _, names in os.walk(folder)
+             for name in sorted(names) if name.endswith(".index.hashes")]
+    buffer = io.BytesIO()
+    np.save(buffer, np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64))
+    _write(os.path.join(folder, INDEX), buffer.getvalue())
 
 
 def normalized_text(doc: Document) -> bytes:
@@ -239,30 +270,30 @@ def clean(sources, chosen, folder, workers):
               if split == "train" or s.get("held_out")]
     tasks = plan_tasks(sources, splits)
     identity = {"settings": chosen, "sources": [s["identity"] for s in sources],
+                "text_columns": [s["text_column"] for s in sources],  # and each split's content, validation's too:
+                "splits": [{k: getattr(d, "_fingerprint", None) for k, d in s["splits"].items()} for s in sources],
                 "documents": [{k: len(d) for k, d in s["splits"].items()} for s in sources],
                 "tasks": [len(tasks), tasks[0].end - tasks[0].start if tasks else 0]}
     _claim(folder, identity)
     done = os.path.join(folder, "done.json")
     if not os.path.isfile(done):
+        _open_files_for(len(tasks))
         _run_steps(sources, chosen, folder, tasks, workers)
         record = _collect(sources, chosen, folder, tasks)
         _write_sample(sources, record, folder)
         write_atomic(done, json.dumps(record, indent=1))
-        shutil.rmtree(os.path.join(folder, "work"), ignore_errors=True)  # signatures: ~1 KB per document
+    shutil.rmtree(os.path.join(folder, "work"), ignore_errors=True)  # signatures: ~1 KB per document
     with open(done) as f:
         record = json.load(f)
     cleaned = []
     for n, source in enumerate(sources):
         out = dict(source, splits=dict(source["splits"]))
         for split, kept in record["kept"][n].items():
-            rows = np.load(os.path.join(folder, kept), mmap_mode="r")
-            if len(rows) < len(source["splits"][split]):
-                out["splits"][split] = source["splits"][split].select(
-                    rows, indices_cache_file_name=os.path.join(folder, kept[:-4] + ".arrow"),
-                    new_fingerprint=f"{identity_hash(identity)}-{n}-{split}")
+            out["splits"][split] = _kept_rows(source["splits"][split], os.path.join(folder, kept),
+                                              f"{identity_hash(identity)}-{n}-{split}")
             if len(out["splits"][split]) == 0:
-                raise UserError(f"cleaning removed every document of the {split} split of {source['label']}: "
-                                "check the data, or leave out the steps that removed them (cleaning/done.json)")
+                raise UserError(f"cleaning removed every document of the {split} split of {source['label']} (see "
+                                f"{folder}/done.json): drop that source, or delete {folder} and clean with other steps")
         cleaned.append(out)
     return cleaned, {"settings": chosen, "sources": record["sources"]}
 
@@ -284,9 +315,12 @@ def _run_steps(sources, chosen, folder, tasks, workers):
         print(f"cleaning: {name} done ({count} task{'s' if count > 1 else ''}, {time.perf_counter() - start:.1f} s)")
 
     exact = ExactDedupConfig(content_getter=normalized_text, document_priority=listed_first)
+    mergers = min(16, max(1, len(tasks) // MERGE_TASKS))  # tasks merging signatures: fixed by the corpus, not the cores
     if "exact" in steps:
-        run("exact-1", [Rows(sources, tasks), ExactDedupSignature(os.path.join(work, "exact-sigs"), exact)], len(tasks))
-        run("exact-2", [ExactFindDedups(os.path.join(work, "exact-sigs"), os.path.join(work, "exact-dups"), exact)], 1)
+        run("exact-1", [Rows(sources, tasks), ExactDedupSignature(os.path.join(work, "exact-sigs"), exact,
+                                                                  finder_workers=mergers)], len(tasks))
+        run("exact-2", [ExactFindDedups(os.path.join(work, "exact-sigs"), os.path.join(work, "exact-dups"), exact)],
+            mergers)
     lsh = chosen.get("minhash", {"ngrams": 5, "buckets": 14, "hashes_per_bucket": 8})
     minhash = MinhashConfig(n_grams=lsh["ngrams"], num_buckets=lsh["buckets"],
                             hashes_per_bucket=lsh["hashes_per_bucket"], hash_config=WORD_HASH)
@@ -301,7 +335,7 @@ def _run_steps(sources, chosen, folder, tasks, workers):
             len(tasks))
     if "minhash" in steps:
         run("minhash-2", [MinhashDedupBuckets(os.path.join(work, "minhash-sigs"), os.path.join(work, "minhash-buckets"),
-                                              config=minhash)], minhash.num_buckets)
+                                              config=minhash)], minhash.num_buckets * mergers)
         run("minhash-3", [MinhashDedupCluster(os.path.join(work, "minhash-buckets"), os.path.join(work, "minhash-ids"),
                                               config=minhash)], 1)
     second = [MinhashDedupFilter(os.path.join(work, "minhash-ids"), exclusion_writer=Removed(removed, "minhash"))] \
@@ -317,6 +351,7 @@ def _run_steps(sources, chosen, folder, tasks, workers):
         if any(held_out):  # held out of train: what the steps before kept of it (tasks numbered as the others)
             run("index-held-out", [Rows(sources, tasks, alive, only="validation"), DecontaminationIndex(os.path.join(index, "held-out"),
                                                                                       decont)], len(tasks))
+        _merge_index(index)
         second.append(TrainDecontamination(index, decont, exclusion_writer=Removed(removed, "decontaminate")))
     if second:
         run("second", [Rows(sources, tasks, alive), *second, Kept(os.path.join(folder, "kept", "second"))], len(tasks))
@@ -329,11 +364,11 @@ def _collect(sources, chosen, folder, tasks):
     stats = [{} for _ in sources]
     for n, split in dict.fromkeys((t.source, t.split) for t in tasks):
         ranks = [r for r, t in enumerate(tasks) if (t.source, t.split) == (n, split)]
-        rows = np.concatenate([np.load(_task_file(os.path.join(folder, "kept", last), r, ".npy")) for r in ranks])
         name = os.path.join("kept", f"{n:02d}-{split}.npy")
-        _save_rows(os.path.join(folder, name), rows)
+        count = _concatenate([_task_file(os.path.join(folder, "kept", last), r, ".npy") for r in ranks],
+                             os.path.join(folder, name))
         kept[n][split] = name
-        split_stats = {"documents": len(sources[n]["splits"][split]), "kept": len(rows)}
+        split_stats = {"documents": len(sources[n]["splits"][split]), "kept": count}
         for step in chosen["steps"]:
             removals = [_read_removed(folder, step, r) for r in ranks]
             reasons = {}
@@ -346,9 +381,15 @@ def _collect(sources, chosen, folder, tasks):
     return {"kept": kept, "sources": stats}
 
 
+def removals(folder, step_stats):
+    """(row, reason) of each document a step removed from a split, in order, read one task's file at a time."""
+    for file in step_stats["rows"]:
+        removed = _read_removed_file(os.path.join(folder, file))
+        yield from zip(removed["rows"], removed["reasons"])
+
+
 def removed_rows(folder, step_stats):
-    """The rows a step removed from a split, in order (from its per-task files)."""
-    return [row for file in step_stats["rows"] for row in _read_removed_file(os.path.join(folder, file))["rows"]]
+    return [row for row, _ in removals(folder, step_stats)]
 
 
 def count_removed_tokens(sources, record, folder, encode):
@@ -358,10 +399,9 @@ def count_removed_tokens(sources, record, folder, encode):
         for split, split_stats in record["sources"][n].items():
             raw = source["splits"][split].select_columns([source["text_column"]])
             for step in record["settings"]["steps"]:
-                rows, tokens = removed_rows(folder, split_stats[step]), 0
-                for first in range(0, len(rows), READ_BATCH):
-                    texts = raw[rows[first:first + READ_BATCH]][source["text_column"]]
-                    tokens += sum(map(len, encode(texts)))
+                rows, tokens = removals(folder, split_stats[step]), 0
+                while batch := [row for row, _ in itertools.islice(rows, READ_BATCH)]:
+                    tokens += sum(map(len, encode(raw[batch][source["text_column"]])))
                 split_stats[step]["tokens"] = tokens
     return record
 
@@ -375,9 +415,8 @@ def _write_sample(sources, record, folder):
             for step, step_stats in split_stats.items():
                 if not isinstance(step_stats, dict):
                     continue
-                removals = [_read_removed_file(os.path.join(folder, f)) for f in step_stats["rows"]]
-                pairs = [(row, reason) for r in removals for row, reason in zip(r["rows"], r["reasons"])]
-                for row, reason in pairs[::max(1, math.ceil(len(pairs) / SAMPLE))][:SAMPLE]:
+                every = max(1, math.ceil(step_stats["documents"] / SAMPLE))
+                for row, reason in itertools.islice(removals(folder, step_stats), 0, None, every):
                     lines.append(json.dumps({"source": source["label"], "split": split, "step": step,
                                              "reason": reason, "row": row, "text": raw[row][source["text_column"]]}))
     write_atomic(os.path.join(folder, "removed_sample.jsonl"), "".join(line + "\n" for line in lines))
@@ -413,6 +452,57 @@ def identity_hash(identity):
 
 def _task_file(folder, rank, suffix):
     return os.path.join(folder, f"{rank:05d}{suffix}")
+
+
+def _kept_rows(dataset, rows_file, fingerprint):
+    """The rows of `dataset` listed in `rows_file`, as a Dataset over the same Arrow table with its indices
+    mapping written beside it a chunk at a time and memory-mapped (datasets' select() would hold them all as
+    Python ints, ~40 bytes per document)."""
+    rows = np.load(rows_file, mmap_mode="r")
+    if len(rows) == len(dataset):
+        return dataset
+    path = rows_file[:-len(".npy")] + ".arrow"
+    if not os.path.isfile(path):
+        tmp = temporary_name(path)
+        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_stream(sink, pa.schema([("indices", pa.uint64())])) as out:
+            for first in range(0, len(rows), 1 << 20):
+                chunk = pa.array(np.asarray(rows[first:first + (1 << 20)], dtype=np.uint64))
+                if dataset._indices is not None:  # a selection already (a held-out split): compose
+                    chunk = dataset._indices.column(0).take(chunk)
+                out.write_table(pa.table({"indices": chunk}))
+        publish(tmp, path)
+    return Dataset(dataset._data, info=dataset.info, split=dataset.split, fingerprint=fingerprint,
+                   indices_table=MemoryMappedTable.from_file(path))
+
+
+def _concatenate(parts, path):
+    """The int64 rows of the .npy files `parts`, end to end, into `path` (on disk, a part at a time); their count."""
+    counts = [np.load(part, mmap_mode="r").shape[0] for part in parts]
+    if sum(counts) == 0:
+        _save_rows(path, np.zeros(0, np.int64))
+        return 0
+    tmp = temporary_name(path)
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(sum(counts),))
+    at = 0
+    for part, count in zip(parts, counts):
+        out[at:at + count] = np.load(part, mmap_mode="r")
+        at += count
+    out.flush()
+    del out
+    publish(tmp, path)
+    return at
+
+
+def _open_files_for(tasks):
+    """Merging signatures opens one file per task at once: the soft limit raised to the hard one, or a refusal."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < tasks + 256:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        if hard != resource.RLIM_INFINITY and hard < tasks + 256:
+            raise UserError(f"cleaning in {tasks} tasks opens {tasks} files at once, over this machine's limit of "
+                            f"{hard}: raise it (ulimit -n {tasks + 256}, or the job's limits)")
 
 
 def _save_rows(path, rows):

@@ -18,6 +18,8 @@ from utils.store import read_manifest
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 REPORT_TO = ("none", "tensorboard", "wandb", "all")
+PREPARE_DATA_KEYS = {"clean", "minhash_ngrams", "minhash_buckets", "minhash_hashes_per_bucket", "decontaminate_ngrams",
+                     "shard_documents"}  # recipe keys of prepare_data.py's own flags
 ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 
 
@@ -197,13 +199,17 @@ def load_recipe(path, parser):
     if not isinstance(recipe, dict):
         raise UserError(f"recipe file {path} must be a mapping of flag names to values")
     known = {a.dest for a in parser._actions} - {"help", "config"}
-    unknown = sorted(set(recipe) - known)
+    prepare_only = sorted(PREPARE_DATA_KEYS & set(recipe) - known)  # train.py reading prepare_data.py's recipe
+    if prepare_only:
+        recipe = {k: v for k, v in recipe.items() if k not in prepare_only}
+        recipe["prepare_data_keys"] = prepare_only  # refused in validate() unless training from the store
+    unknown = sorted(set(recipe) - known - {"prepare_data_keys"})
     if unknown:
         raise UserError(f"recipe {path} has unknown key(s) {', '.join(unknown)}: use flag names without '--'")
     for action in parser._actions:
-        if action.dest in recipe and action.nargs in ("+", "*") and not isinstance(recipe[action.dest], list):
+        if recipe.get(action.dest) is not None and action.nargs in ("+", "*") and not isinstance(recipe[action.dest], list):
             recipe[action.dest] = [recipe[action.dest]]  # `clean: all` as `clean: [all]`
-        values = recipe.get(action.dest) if action.nargs in ("+", "*") else [recipe.get(action.dest)]
+        values = (recipe.get(action.dest) or []) if action.nargs in ("+", "*") else [recipe.get(action.dest)]
         if action.dest in recipe and action.choices and any(v not in action.choices for v in values):
             raise UserError(f"recipe {path}: {action.dest}={recipe[action.dest]!r} is not one of {list(action.choices)}")
     return recipe
@@ -211,6 +217,9 @@ def load_recipe(path, parser):
 
 def validate(args, writes_store=False):
     """Cheap checks that must fail before any model or data is loaded."""
+    if getattr(args, "prepare_data_keys", None) and not args.data_dir:  # a recipe's, meant for prepare_data.py
+        raise UserError(f"the recipe's {', '.join(args.prepare_data_keys)} are prepare_data.py's: run it with this "
+                        "recipe and --data_dir STORE, then train.py --data_dir STORE (train.py does not clean text)")
     if args.per_device_eval_batch_size is None:  # what fits in training fits in evaluation (no gradients)
         args.per_device_eval_batch_size = args.per_device_train_batch_size
     for flag in ("block_size", "per_device_train_batch_size", "per_device_eval_batch_size", "tokenizer_sample_documents",

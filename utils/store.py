@@ -165,9 +165,7 @@ def _claim(path, plan):
     os.makedirs(path, exist_ok=True)
     plan_file = os.path.join(path, PLAN)
     if not os.path.isfile(plan_file):
-        names = os.listdir(path)  # PLAN.tmp...: a peer claiming it; anything else: a peer's claim done, or not a store
-        if not os.path.isfile(plan_file) and any(not name.startswith(PLAN) and name != CLEANING for name in names):
-            raise UserError(f"{path} is not empty and holds no token store: choose an empty or new --data_dir")
+        check_claimable(path)
         tmp = temporary_name(plan_file)
         with open(tmp, "w") as f:
             json.dump(plan, f, indent=2)
@@ -179,6 +177,15 @@ def _claim(path, plan):
     if claimed != json.loads(json.dumps(plan)):
         raise UserError(f"{path} holds a store of other sources or another tokenizer: choose an empty "
                         "--data_dir, or delete that one")
+
+
+def check_claimable(path):
+    """A store can be begun at `path`: it is new, empty, or holds only prepare_data.py's cleaning (and a peer's
+    PLAN.tmp... while it claims it); a plan there means a store begun, which _claim compares."""
+    names = os.listdir(path) if os.path.isdir(path) else []
+    if os.path.exists(path) and not os.path.isdir(path) or not os.path.isfile(os.path.join(path, PLAN)) and any(
+            not name.startswith(PLAN) and name != CLEANING for name in names):
+        raise UserError(f"{path} is not empty and holds no token store: choose an empty or new --data_dir")
 
 
 def claimed_plan(path):
