@@ -218,26 +218,29 @@ class DecontaminationIndex(PipelineStep):
 
 
 class TrainDecontamination(NGramsDecontFilter):
-    """datatrove's n-gram decontamination, for train documents (a held-out validation split is the index),
-    its index one sorted array memory-mapped (datatrove's is a dict built again in every task: ~100 bytes per
-    validation n-gram, per task)."""
+    """datatrove's n-gram decontamination for train documents (a held-out validation split is the index), its
+    index one sorted array, memory-mapped and looked up a document at a time (datatrove's is a dict built
+    again in every task, ~100 bytes per validation n-gram, looked up an n-gram at a time)."""
 
     def load_index_hashes(self):
-        self._index_hashes = SortedHashes(os.path.join(self.index_folder.path, INDEX))
+        self._index_hashes = np.load(os.path.join(self.index_folder.path, INDEX), mmap_mode="r")
 
-    def filter(self, doc):
-        return doc.metadata["split"] != "train" or super().filter(doc)
-
-
-class SortedHashes:
-    """The `get` of datatrove's index dict over a sorted uint64 array (memory-mapped: the page cache is shared)."""
-
-    def __init__(self, path):
-        self.hashes = np.load(path, mmap_mode="r")
-
-    def get(self, value, default=None):
-        at = int(np.searchsorted(self.hashes, value))
-        return "validation" if at < len(self.hashes) and int(self.hashes[at]) == value else default
+    def filter(self, doc):  # datatrove's filter(), its lookups as one searchsorted
+        if doc.metadata["split"] != "train":
+            return True
+        if self._index_hashes is None:
+            self.load_index_hashes()
+        words = self.tokenizer.word_tokenize(simplify_text(doc.text, self.config.norm_config))
+        grams = [" ".join(gram) for gram in ngrams(words, self.config.n_grams)]
+        hashes = np.fromiter(map(self.hash_func, grams), dtype=np.uint64, count=len(grams))
+        index = self._index_hashes
+        at = np.minimum(np.searchsorted(index, hashes), len(index) - 1) if len(index) else None
+        found = np.flatnonzero(index[at] == hashes) if at is not None and len(hashes) else ()
+        if len(found):
+            doc.metadata["contaminated_ngram"] = grams[found[0]]
+            self.stat_update("contaminated_validation")
+            return False, "contaminated"
+        return True
 
 
 def _merge_index(folder):
