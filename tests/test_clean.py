@@ -123,13 +123,14 @@ def test_a_run_from_the_cleaned_store_evaluates_on_the_untouched_validation_spli
     assert "## Cleaning" in report and "| a | train | decontaminate | 2 (1.6%) |" in report
 
 
-def sources_in_memory(r):
+def sources_in_memory(r, held_out=False):
     texts = [document(r) for _ in range(120)]
     texts[50], texts[90] = exact_copy(texts[10]), near_copy(texts[20], r)
     texts[60], texts[100] = gibberish(r), boilerplate()
     validation = [document(r) for _ in range(5)]
     texts[110] = validation[0]
-    return [{"label": "m", "identity": {"test": "planted"}, "text_column": "text", "held_out": False,
+    validation = validation[:1] if held_out else validation  # held out: task 0 is one document
+    return [{"label": "m", "identity": {"test": "planted"}, "text_column": "text", "held_out": held_out,
              "splits": {"train": Dataset.from_dict({"text": texts}), "validation": Dataset.from_dict({"text": validation})}}]
 
 
@@ -142,12 +143,13 @@ def everything(folder):
 def test_same_result_on_any_worker_count_and_after_an_interruption(tmp_path, monkeypatch):
     monkeypatch.setattr(clean, "TASK_DOCUMENTS", (25, 25))  # 5 tasks
     monkeypatch.setattr(clean, "MERGE_TASKS", 2)  # signatures merged by 2 tasks (per band): hash ranges meet
+    # (ranged by the largest signature file: task 0's, a held-out split of one document, cannot be split in 2)
     chosen = {"steps": list(clean.STEPS), "minhash": {"ngrams": 5, "buckets": 14, "hashes_per_bucket": 8},
               "decontaminate_ngrams": 13}
-    clean.clean(sources_in_memory(random.Random(1)), chosen, str(tmp_path / "two"), workers=2)
+    clean.clean(sources_in_memory(random.Random(1), held_out=True), chosen, str(tmp_path / "two"), workers=2)
     reference = everything(tmp_path / "two")
-    assert reference[1]["exact"] == [50] and reference[1]["minhash"] == [90]
-    assert reference[1]["decontaminate"] == [110] and len(reference[2]) == 115
+    assert reference[1]["exact"] == [50, 110] and reference[1]["minhash"] == [90]  # 110: the held-out one's copy,
+    assert reference[1]["decontaminate"] == [] and len(reference[2]) == 115  # whose first copy is validation's
 
     runs, real_run = [], clean.Rows.run
 
@@ -160,10 +162,10 @@ def test_same_result_on_any_worker_count_and_after_an_interruption(tmp_path, mon
     monkeypatch.setattr(clean.Rows, "run", counted)
     fail = True
     with pytest.raises(RuntimeError):
-        clean.clean(sources_in_memory(random.Random(1)), chosen, str(tmp_path / "one"), workers=1)
+        clean.clean(sources_in_memory(random.Random(1), held_out=True), chosen, str(tmp_path / "one"), workers=1)
     first = list(runs)
     fail, runs[:] = False, []
-    cleaned, _ = clean.clean(sources_in_memory(random.Random(1)), chosen, str(tmp_path / "one"), workers=1)
+    cleaned, _ = clean.clean(sources_in_memory(random.Random(1), held_out=True), chosen, str(tmp_path / "one"), workers=1)
     assert everything(tmp_path / "one") == reference
     assert len(cleaned[0]["splits"]["train"]) == 115
     assert runs[:2] == [3, 4] and first.count(0) == 2  # resumed at the task that died: exact-1's were all done

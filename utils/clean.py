@@ -217,6 +217,15 @@ class DecontaminationIndex(PipelineStep):
         _write(path, np.array(sorted(hashes), dtype=np.uint64).tobytes())
 
 
+class Bands(MinhashDedupBuckets):
+    """datatrove's MinHash stage 2; a band merged by several tasks is split into hash ranges by its largest
+    signature file (datatrove takes the first, task 0's: a held-out split of a few documents, or none)."""
+
+    def get_worker_hash_range(self, sig_files, rank, world_size):
+        largest = [max(sig_files, key=self.input_folder.size)] if sig_files else sig_files
+        return super().get_worker_hash_range(largest, rank, world_size)
+
+
 class TrainDecontamination(NGramsDecontFilter):
     """datatrove's n-gram decontamination for train documents (a held-out validation split is the index), its
     index one sorted array, memory-mapped and looked up a document at a time (datatrove's is a dict built
@@ -269,7 +278,7 @@ def clean(sources, chosen, folder, workers):
     """Clean `sources` (utils/sources.py load_source) as `chosen` (settings()) with datatrove in `folder`;
     returns (the sources with their cleaned splits, {"settings", "sources": [per split and step: documents
     removed, by reason]}) and writes removed_sample.jsonl there. A finished cleaning is read back."""
-    splits = [(n, split) for n, s in enumerate(sources) for split in s["splits"]
+    splits = [(n, split) for n, s in enumerate(sources) for split in ("validation", "train")  # in this order
               if split == "train" or s.get("held_out")]
     tasks = plan_tasks(sources, splits)
     identity = {"settings": chosen, "sources": [s["identity"] for s in sources],
@@ -337,8 +346,8 @@ def _run_steps(sources, chosen, folder, tasks, workers):
             + ([MinhashDedupSignature(os.path.join(work, "minhash-sigs"), minhash)] if "minhash" in steps else []),
             len(tasks))
     if "minhash" in steps:
-        run("minhash-2", [MinhashDedupBuckets(os.path.join(work, "minhash-sigs"), os.path.join(work, "minhash-buckets"),
-                                              config=minhash)], minhash.num_buckets * mergers)
+        run("minhash-2", [Bands(os.path.join(work, "minhash-sigs"), os.path.join(work, "minhash-buckets"),
+                                config=minhash)], minhash.num_buckets * mergers)
         run("minhash-3", [MinhashDedupCluster(os.path.join(work, "minhash-buckets"), os.path.join(work, "minhash-ids"),
                                               config=minhash)], 1)
     second = [MinhashDedupFilter(os.path.join(work, "minhash-ids"), exclusion_writer=Removed(removed, "minhash"))] \
@@ -465,7 +474,7 @@ def _kept_rows(dataset, rows_file, fingerprint):
     if len(rows) == len(dataset):
         return dataset
     path = rows_file[:-len(".npy")] + ".arrow"
-    if not os.path.isfile(path):
+    if not os.path.isfile(path) or MemoryMappedTable.from_file(path).num_rows != len(rows):
         tmp = temporary_name(path)
         with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_stream(sink, pa.schema([("indices", pa.uint64())])) as out:
             for first in range(0, len(rows), 1 << 20):
@@ -501,11 +510,15 @@ def _open_files_for(tasks):
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < tasks + 256:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        if hard != resource.RLIM_INFINITY and hard < tasks + 256:
+    need = tasks + 256
+    if soft != resource.RLIM_INFINITY and soft < need:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need if hard == resource.RLIM_INFINITY else min(hard, need), hard))
+        except (ValueError, OSError):
+            pass
+        if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < need:
             raise UserError(f"cleaning in {tasks} tasks opens {tasks} files at once, over this machine's limit of "
-                            f"{hard}: raise it (ulimit -n {tasks + 256}, or the job's limits)")
+                            f"{hard}: raise it (ulimit -n {need}, or the job's limits)")
 
 
 def _save_rows(path, rows):

@@ -201,8 +201,9 @@ def load_recipe(path, parser):
     known = {a.dest for a in parser._actions} - {"help", "config"}
     prepare_only = sorted(PREPARE_DATA_KEYS & set(recipe) - known)  # train.py reading prepare_data.py's recipe
     if prepare_only:
+        given = [k for k in prepare_only if recipe[k] is not None]
         recipe = {k: v for k, v in recipe.items() if k not in prepare_only}
-        recipe["prepare_data_keys"] = prepare_only  # refused in validate() unless training from the store
+        recipe["prepare_data_keys"] = given  # refused in validate() unless training from the store
     unknown = sorted(set(recipe) - known - {"prepare_data_keys"})
     if unknown:
         raise UserError(f"recipe {path} has unknown key(s) {', '.join(unknown)}: use flag names without '--'")
