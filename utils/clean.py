@@ -109,11 +109,6 @@ def settings(args, defaults):
     return chosen
 
 
-def minhash_threshold(buckets, hashes_per_bucket):
-    """The Jaccard similarity at which a pair is caught with probability ~1/2: (1/b)^(1/r)."""
-    return (1 / buckets) ** (1 / hashes_per_bucket)
-
-
 @dataclass(frozen=True)
 class Task:
     """Documents [start, end) of one split of one source: the unit of work every stage resumes by."""
@@ -195,7 +190,7 @@ class Removed:
     def __exit__(self, kind, *_):
         if kind is None and self.rank is not None:
             _write(_task_file(os.path.join(self.folder, self.step), self.rank, ".json"),
-                         json.dumps({"rows": self.rows, "reasons": self.reasons}))
+                   json.dumps({"rows": self.rows, "reasons": self.reasons}))
 
 
 class DecontaminationIndex(PipelineStep):
@@ -209,12 +204,12 @@ class DecontaminationIndex(PipelineStep):
         self.folder, self.config = folder, config
 
     def run(self, data, rank=0, world_size=1):
-        words, hash_ngram, hashes = load_word_tokenizer("en"), create_hash_func(self.config.hash_config), set()
-        for doc in data:
+        words, hash_ngram, hashes = load_word_tokenizer("en"), create_hash_func(self.config.hash_config), []
+        for doc in data:  # 8 bytes per n-gram (a Python set of them: ~70)
             tokens = words.word_tokenize(simplify_text(doc.text, self.config.norm_config))
-            hashes.update(map(hash_ngram, map(" ".join, ngrams(tokens, self.config.n_grams))))
-        path = _task_file(self.folder, rank, ".index.hashes")
-        _write(path, np.array(sorted(hashes), dtype=np.uint64).tobytes())
+            hashes.append(np.fromiter(map(hash_ngram, map(" ".join, ngrams(tokens, self.config.n_grams))), np.uint64))
+        unique = np.unique(np.concatenate(hashes)) if hashes else np.zeros(0, np.uint64)
+        _write(_task_file(self.folder, rank, ".index.hashes"), unique.tobytes())
 
 
 class Bands(MinhashDedupBuckets):
