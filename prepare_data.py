@@ -65,7 +65,7 @@ def main(argv=None):
     raw, record = sources, None
     if chosen:  # the tokenizer trained here learns from the cleaned text
         sources, record = clean.clean(raw, chosen, os.path.join(args.data_dir, CLEANING),
-                                      args.preprocessing_num_workers or len(os.sched_getaffinity(0)))
+                                      args.preprocessing_num_workers or clean.cores())
     tokenizer = load_tokenizer(args.tokenizer_name or args.model_name_or_path, args.vocab_size, sources, PartialState(),
                                args.tokenizer_sample_documents)
     tokenizer_ready = time.perf_counter()

@@ -127,7 +127,9 @@ def worker(who, step, folder):
 
     from loguru import logger
 
-    workers = len(os.sched_getaffinity(0))
+    from utils.clean import cores
+
+    workers = cores()
     with open(Path(folder) / f"{who}-{step}.log", "w") as log, contextlib.redirect_stderr(log):
         logger.remove()
         logger.add(log, level="INFO")
@@ -142,8 +144,9 @@ def main():
         return worker(*args.worker)
     folder = Path(tempfile.mkdtemp(prefix="clean-bench-"))
     documents, size = make_corpus(folder, args.megabytes)
-    cores = len(os.sched_getaffinity(0))
-    print(f"corpus: {size / 1e6:.1f} MB, {documents:,} documents; {cores} cores; datatrove "
+    from utils.clean import cores
+
+    print(f"corpus: {size / 1e6:.1f} MB, {documents:,} documents; {cores()} cores; datatrove "
           f"{__import__('importlib.metadata').metadata.version('datatrove')}")
     print("| step | ours MB/s | datatrove's own MB/s | ours / own | kept (ours, own) | peak MiB per process (ours, own) |")
     print("|---|---|---|---|---|---|")

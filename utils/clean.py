@@ -118,6 +118,11 @@ class Task:
     end: int
 
 
+def cores():
+    """The cores this process may run on (all of them where the OS cannot say)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def plan_tasks(sources, splits):
     """The tasks over `splits` ((source number, split) pairs), a fixed number of documents each: fixed by the
     corpus alone (not the cores), so a resume on another machine finds the same tasks."""
