@@ -29,7 +29,6 @@ stage skips the tasks it finished (an interrupted run resumes), and the signatur
 
 import contextlib
 import hashlib
-import io
 import itertools
 import json
 import math
@@ -60,6 +59,7 @@ from loguru import logger
 
 from utils.errors import UserError
 from utils.files import publish, temporary_name, write_atomic
+from utils.store import save_npy
 
 STEPS = ("exact", "gopher_repetition", "gopher_quality", "c4", "fineweb", "minhash", "decontaminate")
 
@@ -256,9 +256,7 @@ def _merge_index(folder):
     """The tasks' n-gram hashes as one sorted array without repeats (folder/INDEX)."""
     parts = [np.fromfile(os.path.join(root, name), dtype=np.uint64) for root, _, names in os.walk(folder)
              for name in sorted(names) if name.endswith(".index.hashes")]
-    buffer = io.BytesIO()
-    np.save(buffer, np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64))
-    _write(os.path.join(folder, INDEX), buffer.getvalue())
+    save_npy(os.path.join(folder, INDEX), np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64))
 
 
 def normalized_text(doc: Document) -> bytes:
@@ -522,9 +520,8 @@ def _open_files_for(tasks):
 
 
 def _save_rows(path, rows):
-    buffer = io.BytesIO()
-    np.save(buffer, rows)
-    _write(path, buffer.getvalue())
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_npy(path, rows)
 
 
 def _write(path, data):

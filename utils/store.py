@@ -103,7 +103,7 @@ def write_store(path, sources, tokenizer, encode, workers=None, shard_documents=
     wait_for(every_shard, "shards that this node's other processes are tokenizing")
 
     manifest, every_digest = {**plan, "sources": []}, []
-    for source, planned, folder in zip(sources, plan["sources"], dirs):
+    for number, (source, planned, folder) in enumerate(zip(sources, plan["sources"], dirs)):
         splits, digests = {}, []
         for split in source["splits"]:
             split_dir = os.path.join(path, folder, split)
@@ -111,13 +111,12 @@ def write_store(path, sources, tokenizer, encode, workers=None, shard_documents=
                            key=shard_number)
             shards = [_read_json(os.path.join(split_dir, name)) for name in names]
             index = _index([s["tokens"] for s in shards], [s["documents"] for s in shards])
-            _save_npy(os.path.join(split_dir, INDEX), index)
+            save_npy(os.path.join(split_dir, INDEX), index)
             splits[split] = {"shards": len(shards), "tokens": int(index[:, 0].sum()), "documents": int(index[:, 1].sum())}
             digests += [s["sha256"] for s in shards]
         manifest["sources"].append({**planned, "dir": folder, "splits": splits,
                                     "content": content_hash(planned["validation"], digests)})
         if cleaning:  # per split and step: documents and tokens removed, by reason
-            number = len(manifest["sources"]) - 1
             manifest["sources"][-1]["cleaning"] = {
                 split: {step: {k: v for k, v in s.items() if k != "rows"} if isinstance(s, dict) else s
                         for step, s in steps.items()} for split, steps in cleaning["sources"][number].items()}
@@ -148,7 +147,7 @@ def shard_name(k, names=None):
     return names[k] if names else f"shard-{k:05d}"
 
 
-def _save_npy(path, array):
+def save_npy(path, array):
     """An .npy file written in one step (utils/files.py write_atomic)."""
     buffer = io.BytesIO()
     np.save(buffer, array)
@@ -182,9 +181,9 @@ def _claim(path, plan):
 def check_claimable(path):
     """A store can be begun at `path`: it is new, empty, or holds only prepare_data.py's cleaning (and a peer's
     PLAN.tmp... while it claims it); a plan there means a store begun, which _claim compares."""
-    names = os.listdir(path) if os.path.isdir(path) else []
-    if os.path.exists(path) and not os.path.isdir(path) or not os.path.isfile(os.path.join(path, PLAN)) and any(
-            not name.startswith(PLAN) and name != CLEANING for name in names):
+    if not os.path.exists(path) or os.path.isfile(os.path.join(path, PLAN)):
+        return
+    if not os.path.isdir(path) or any(not name.startswith(PLAN) and name != CLEANING for name in os.listdir(path)):
         raise UserError(f"{path} is not empty and holds no token store: choose an empty or new --data_dir")
 
 
@@ -210,7 +209,7 @@ def _write_shard(dataset, text_column, start, end, base, encode, dtype):
             f.write(data)
     publish(tmp, base + ".bin")
     ends = np.concatenate(ends) if ends else np.zeros(0, np.int64)
-    _save_npy(base + ".ends.npy", ends)
+    save_npy(base + ".ends.npy", ends)
     write_atomic(base + ".json", json.dumps({"name": os.path.basename(base), "tokens": total,
                                              "documents": len(ends), "sha256": digest.hexdigest()}))
 
